@@ -1,0 +1,172 @@
+"""Loading and saving Mamba-ST weights.
+
+Our format: a folder (or a `.safetensors` file with a `.yaml` of the same stem beside it) holding
+`model.safetensors` (keys `embedding.*`, `mamba.*`, `decode.*`) and `config.yaml` (the `MambaSTConfig`, plus a
+free-form `meta` map). The official release is three plain `.pth` state_dicts; `load_official` reads them with
+`torch.load(weights_only=True)` only, so a pickle that would run code is refused, not executed.
+
+Every problem is one `UserError` line naming the file: missing, not a checkpoint, missing/unexpected keys,
+wrong shapes, non-finite values.
+"""
+from __future__ import annotations
+
+import os
+import pickle
+import tempfile
+from pathlib import Path
+
+import torch
+import yaml
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+
+from models.errors import UserError
+from models.mambast import MambaST, MambaSTConfig
+
+CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs" / "model"
+BUNDLED_DIR = Path(__file__).resolve().parent / "weights"
+OFFICIAL_PARTS = ("mamba", "decode", "embedding")  # official file -> our submodule
+
+
+def read_yaml(path: str | os.PathLike) -> dict:
+    """YAML through safe_load only; a python tag or a syntax error is a one-line UserError."""
+    try:
+        with open(path) as f:
+            data = yaml.safe_load(f)
+    except FileNotFoundError:
+        raise UserError(f"{path}: file not found") from None
+    except yaml.YAMLError as e:
+        raise UserError(f"{path}: not valid YAML ({str(e).splitlines()[0]})") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise UserError(f"{path}: expected a mapping at the top level, got {type(data).__name__}")
+    return data
+
+
+def model_config(name_or_path: str | os.PathLike) -> MambaSTConfig:
+    """'official', 'small', or a path to a model YAML."""
+    path = Path(name_or_path)
+    if not path.suffix and not path.exists():
+        path = CONFIG_DIR / f"{name_or_path}.yaml"
+    try:
+        return MambaSTConfig.from_dict(read_yaml(path))
+    except (TypeError, ValueError) as e:
+        raise UserError(f"{path}: {e}") from None
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Checking a state dict against a model
+
+
+def check_state_dict(sd: dict, expected: dict[str, torch.Size], source: str) -> None:
+    if not isinstance(sd, dict) or not all(isinstance(v, torch.Tensor) for v in sd.values()):
+        raise UserError(f"{source}: not a checkpoint (expected a state_dict of tensors)")
+    missing = [k for k in expected if k not in sd]
+    extra = [k for k in sd if k not in expected]
+    if missing:
+        raise UserError(f"{source}: missing {len(missing)} key(s), e.g. {missing[0]!r} "
+                        f"(is this the right file for this model config?)")
+    if extra:
+        raise UserError(f"{source}: {len(extra)} unexpected key(s), e.g. {extra[0]!r}")
+    for k, shape in expected.items():
+        if tuple(sd[k].shape) != tuple(shape):
+            raise UserError(f"{source}: {k!r} has shape {tuple(sd[k].shape)}, the model expects {tuple(shape)} "
+                            f"(a different model config?)")
+        if sd[k].is_floating_point() and not torch.isfinite(sd[k]).all():
+            raise UserError(f"{source}: {k!r} contains NaN or infinite values")
+
+
+def _expected(module: torch.nn.Module) -> dict[str, torch.Size]:
+    return {k: v.shape for k, v in module.state_dict().items()}
+
+
+def torch_load_safe(path: str | os.PathLike) -> dict:
+    """torch.load with weights_only=True; any failure becomes one UserError line."""
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"{path}: file not found")
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else ""
+        if "weights only load failed" in str(e).lower() or "unsupported" in str(e).lower():
+            raise UserError(f"{path}: refused: the file holds Python objects beyond tensors, which could run code "
+                            f"when loaded ({first[:120]})") from None
+        raise UserError(f"{path}: not a PyTorch checkpoint ({first[:120]})") from None
+    except Exception as e:  # legacy-format parsing fails with anything from struct.error to EOFError
+        detail = (str(e).strip().splitlines() or [type(e).__name__])[0][:120]
+        raise UserError(f"{path}: not a PyTorch checkpoint ({detail})") from None
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Official checkpoints
+
+
+def load_official(mamba: str, decoder: str, embedding: str, cfg: MambaSTConfig | None = None) -> MambaST:
+    """Build the official-width model and strict-load the three official `.pth` files."""
+    model = MambaST(cfg or model_config("official"))
+    files = {"mamba": mamba, "decode": decoder, "embedding": embedding}
+    for part in OFFICIAL_PARTS:
+        module = getattr(model, part)
+        sd = torch_load_safe(files[part])
+        check_state_dict(sd, _expected(module), str(files[part]))
+        module.load_state_dict(sd, strict=True)
+    return model.eval()
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Our format
+
+
+def save_model(model: MambaST, path: str | os.PathLike, meta: dict | None = None, half: bool = False) -> Path:
+    """Write `path/model.safetensors` + `path/config.yaml` atomically (temporary names, then rename)."""
+    path = Path(path)
+    path.mkdir(parents=True, exist_ok=True)
+    sd = {k: (v.half() if half and v.is_floating_point() else v).detach().cpu().contiguous()
+          for k, v in model.state_dict().items()}
+    doc = {"model": model.cfg.to_dict(), "meta": meta or {}}
+    for name, write in (("model.safetensors", lambda p: save_file(sd, p)),
+                        ("config.yaml", lambda p: Path(p).write_text(yaml.safe_dump(doc, sort_keys=False)))):
+        fd, tmp = tempfile.mkstemp(dir=path, prefix=f".{name}.", suffix=".tmp")
+        os.close(fd)
+        try:
+            write(tmp)
+            os.replace(tmp, path / name)
+        finally:
+            if os.path.exists(tmp):
+                os.unlink(tmp)
+    return path
+
+
+def _locate(path: Path) -> tuple[Path, Path]:
+    if path.is_dir():
+        return path / "model.safetensors", path / "config.yaml"
+    return path, path.with_suffix(".yaml")
+
+
+def load_model(path: str | os.PathLike | None = None, device: str | torch.device = "cpu",
+               **overrides) -> MambaST:
+    """Load our format (default: the bundled weights). `overrides` set config fields (e.g. scan_backend)."""
+    path = Path(path) if path is not None else BUNDLED_DIR
+    weights, config = _locate(path)
+    if not weights.exists():
+        raise UserError(f"{weights}: file not found" + (" (bundled weights missing: reinstall the package)"
+                                                        if path == BUNDLED_DIR else ""))
+    if weights.suffix == ".pth":
+        raise UserError(f"{weights}: an official .pth file; convert it first: "
+                        f"mambast convert-official --mamba M --decoder D --embedding E -o DIR")
+    doc = read_yaml(config)
+    try:
+        cfg = MambaSTConfig.from_dict({**doc.get("model", {}), **overrides})
+    except (TypeError, ValueError) as e:
+        raise UserError(f"{config}: {e}") from None
+    try:
+        sd = load_file(str(weights))
+    except (SafetensorError, OSError, ValueError) as e:
+        raise UserError(f"{weights}: not a safetensors checkpoint ({str(e).splitlines()[0][:120]})") from None
+    model = MambaST(cfg)
+    check_state_dict(sd, _expected(model), str(weights))
+    model.load_state_dict({k: v.float() for k, v in sd.items()}, strict=True)
+    model.meta = doc.get("meta", {})
+    return model.eval().to(device)

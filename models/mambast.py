@@ -1,0 +1,455 @@
+"""Mamba-ST (Botti et al., WACV 2025) for video: one file that reads like the paper.
+
+    Ic, Is (B×3×H×W, RGB in [0,1])
+      │ PatchEmbed: Conv 8×8 / stride 8            -> token maps B×h×w×d_model   (h = H/8, w = W/8)
+      │ encoder_c(content), encoder_s(style)       3 + 3 VSS blocks (SS2D: 4-direction selective scan)
+      │ decoder (MSTD): 3 cross blocks + LayerNorm  u, Δ, B from the shuffled style; C and the gate from the content
+      │ CNN decoder ×8                              -> B×3×H×W (no output activation)
+
+Module and parameter names follow the official checkpoints (`../shared/official-mambast-keys.json`), so
+`embedding.*`, `mamba.*` and `decode.*` load the three official files with strict=True. Known exceptions to
+"every parameter is used", kept only for strict loading: `skip_scale2`, `in_style_proj` in encoder blocks,
+`new_ps` (the unused StyTR-2 positional encoding).
+
+Video inference splits the work (see `encode_style` / `stylize`): in the MSTD the scanned input, Δ and B come
+only from the style, so for a fixed style and a fixed token permutation the whole state sequence h_t is the
+same for every frame. It is computed once per clip (`StyleCode`), and each frame only reads it out with its own
+C_t: y_t = ⟨C_t, h_t⟩ + D·s_t.
+
+Token maps are channel-last (B, h, w, C) throughout the Mamba part; sequences for the scan are (B, C, L) with
+row-major token order (index = i·w + j), as in the official code.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, field, fields
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from models.selective_scan import read_out_states, resolve_backend, scan_states, selective_scan
+
+
+@dataclass
+class MambaSTConfig:
+    d_model: int = 512          # token width (official 512)
+    d_state: int = 16           # N, SSM state size per channel
+    expand: int = 2             # d_inner = expand · d_model
+    patch_size: int = 8
+    n_encoder_layers: int = 3   # per stream (content and style)
+    n_decoder_layers: int = 3   # MSTD blocks
+    dt_rank: int = 0            # 0 -> ceil(d_model / 16), as in the official code
+    decoder_channels: tuple[int, int, int] = (256, 128, 64)  # CNN decoder widths (official: 256, 128, 64)
+    drop_path: float = 0.1      # MSTD blocks only, training only
+    scan_backend: str = "auto"  # auto | chunked | ref | cuda
+    style_cache: str = "auto"   # auto | states | projections: what `encode_style` keeps per MSTD layer
+    state_cache_gb: float = 4.0  # 'auto' caches the full state sequence when it fits in this budget
+
+    def __post_init__(self):
+        self.decoder_channels = tuple(self.decoder_channels)
+        if self.dt_rank == 0:
+            self.dt_rank = math.ceil(self.d_model / 16)
+
+    @property
+    def d_inner(self) -> int:
+        return self.expand * self.d_model
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "MambaSTConfig":
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(d) - known)
+        if unknown:
+            raise ValueError(f"unknown model config key(s): {', '.join(unknown)}")
+        return cls(**d)
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        d["decoder_channels"] = list(self.decoder_channels)
+        return d
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Cross-scan: the 4 directions (row-major, column-major, and both reversed), and the sum merge
+
+
+def cross_scan(x: torch.Tensor) -> torch.Tensor:
+    """(B, C, h, w) -> (B, 4, C, L)."""
+    rows = x.flatten(2)
+    cols = x.transpose(2, 3).flatten(2)
+    return torch.stack([rows, cols, rows.flip(-1), cols.flip(-1)], dim=1)
+
+
+def cross_merge(y: torch.Tensor, h: int, w: int) -> torch.Tensor:
+    """(B, 4, C, L) -> (B, C, L) row-major: undo each direction's permutation and sum."""
+    B, _, C, L = y.shape
+    rows = y[:, 0] + y[:, 2].flip(-1)
+    cols = (y[:, 1] + y[:, 3].flip(-1)).view(B, C, w, h).transpose(2, 3).reshape(B, C, L)
+    return rows + cols
+
+
+def drop_path(x: torch.Tensor, p: float, training: bool) -> torch.Tensor:
+    """Stochastic depth per sample (timm's DropPath)."""
+    if p == 0.0 or not training:
+        return x
+    keep = x.new_empty((x.shape[0],) + (1,) * (x.dim() - 1)).bernoulli_(1 - p)
+    return x * keep / (1 - p)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Modules
+
+
+class PatchEmbed(nn.Module):
+    def __init__(self, cfg: MambaSTConfig):
+        super().__init__()
+        self.proj = nn.Conv2d(3, cfg.d_model, kernel_size=cfg.patch_size, stride=cfg.patch_size)
+
+    def forward(self, img):  # (B, 3, H, W) -> (B, h, w, d_model)
+        return self.proj(img).permute(0, 2, 3, 1)
+
+
+@dataclass
+class StyleLayerCode:
+    """What one MSTD layer needs of the style, computed once per clip.
+
+    Either the full state sequence (`states`, (1, L, K·d_inner, N), plus the D-skip `skip`), or the style-side
+    scan inputs (`u`, `delta` already biased and soft-plussed, `B`) when the states would not fit the budget.
+    """
+    skip: torch.Tensor                       # D ⊙ s, (1, K·d_inner, L)
+    states: torch.Tensor | None = None
+    u: torch.Tensor | None = None
+    delta: torch.Tensor | None = None
+    B: torch.Tensor | None = None
+
+
+class SS2D(nn.Module):
+    """2-D selective scan. `cross=True` makes it the MSTD's ST-VSSM: u, Δ, B from the style, C from the content."""
+
+    K = 4  # scan directions
+
+    def __init__(self, cfg: MambaSTConfig, cross: bool):
+        super().__init__()
+        self.cfg, self.cross = cfg, cross
+        d, di, n, r, K = cfg.d_model, cfg.d_inner, cfg.d_state, cfg.dt_rank, self.K
+        self.in_proj = nn.Linear(d, 2 * di, bias=False)
+        self.in_style_proj = nn.Linear(d, di, bias=False)
+        self.conv2d = nn.Conv2d(di, di, kernel_size=3, padding=1, groups=di, bias=True)  # depthwise, 2-D
+        if cross:
+            self.style_proj_weight = nn.Parameter(torch.empty(K, r + n, di))  # style -> (δ, B)
+            self.x_proj_weight = nn.Parameter(torch.empty(K, n, di))  # content -> C
+        else:
+            self.x_proj_weight = nn.Parameter(torch.empty(K, r + 2 * n, di))  # x -> (δ, B, C)
+        self.dt_projs_weight = nn.Parameter(torch.empty(K, di, r))
+        self.dt_projs_bias = nn.Parameter(torch.empty(K, di))
+        self.A_logs = nn.Parameter(torch.empty(K * di, n))
+        self.Ds = nn.Parameter(torch.ones(K * di))
+        self.out_norm = nn.LayerNorm(di)
+        self.out_proj = nn.Linear(di, d, bias=False)
+
+    def _conv(self, x):  # (B, h, w, d_inner) -> SiLU(DWConv3x3(x)) as (B, d_inner, h, w)
+        return F.silu(self.conv2d(x.permute(0, 3, 1, 2).contiguous()))
+
+    def _dt(self, dts):  # (B, K, r, L) -> (B, K·d_inner, L)
+        return torch.einsum("bkrl,kdr->bkdl", dts, self.dt_projs_weight).flatten(1, 2)
+
+    def _finish(self, y, z, h, w):
+        """Merge the K directions, out-norm, gate with SiLU(z), project. y (B, K·d_inner, L) -> (B, h, w, d)."""
+        B = y.shape[0]
+        y = cross_merge(y.view(B, self.K, -1, h * w), h, w)  # (B, d_inner, L)
+        y = self.out_norm(y.transpose(1, 2).view(B, h, w, -1))
+        return self.out_proj(y * F.silu(z))
+
+    def forward(self, u, style=None):
+        """u: (B, h, w, d) normed content tokens; style: (B, h, w, d) shuffled style tokens (cross only)."""
+        B, h, w, _ = u.shape
+        cfg, A = self.cfg, -torch.exp(self.A_logs.float())
+        x, z = self.in_proj(u).chunk(2, dim=-1)
+        xs = cross_scan(self._conv(x))  # (B, K, d_inner, L)
+        if self.cross:
+            ss = cross_scan(self._conv(self.in_style_proj(style)))
+            Cs = torch.einsum("bkdl,kcd->bkcl", xs, self.x_proj_weight)  # C from the content
+            dts, Bs = torch.einsum("bkdl,kcd->bkcl", ss, self.style_proj_weight).split([cfg.dt_rank, cfg.d_state], 2)
+            seq = ss  # the scanned input is the style
+        else:
+            dts, Bs, Cs = torch.einsum("bkdl,kcd->bkcl", xs, self.x_proj_weight).split(
+                [cfg.dt_rank, cfg.d_state, cfg.d_state], 2)
+            seq = xs
+        y = selective_scan(seq.flatten(1, 2).float(), self._dt(dts).float(), A, Bs.float(), Cs.float(),
+                           self.Ds.float(), delta_bias=self.dt_projs_bias.flatten().float(), delta_softplus=True,
+                           backend=cfg.scan_backend)
+        return self._finish(y.to(u.dtype), z, h, w)
+
+    # --- the cached MSTD path: style side once per clip, content side per frame ---------------------------
+
+    @torch.no_grad()
+    def encode_style(self, style, keep_states: bool) -> StyleLayerCode:
+        """style: (1, h, w, d) shuffled style tokens -> everything of the scan that depends only on the style."""
+        cfg = self.cfg
+        ss = cross_scan(self._conv(self.in_style_proj(style))).flatten(1, 2).float()  # (1, K·d_inner, L)
+        dts, Bs = torch.einsum("bkdl,kcd->bkcl", ss.view(1, self.K, cfg.d_inner, -1),
+                               self.style_proj_weight).split([cfg.dt_rank, cfg.d_state], 2)
+        delta = F.softplus(self._dt(dts).float() + self.dt_projs_bias.flatten().float()[:, None])
+        skip = ss * self.Ds.float()[:, None]
+        if keep_states:
+            states = scan_states(ss, delta, -torch.exp(self.A_logs.float()), Bs.float())
+            return StyleLayerCode(skip=skip, states=states)
+        return StyleLayerCode(skip=skip, u=ss, delta=delta, B=Bs.float().contiguous())
+
+    def forward_cached(self, u, code: StyleLayerCode):
+        """Content side of the ST-VSSM for a batch of frames, reading the style from `code`."""
+        B, h, w, _ = u.shape
+        x, z = self.in_proj(u).chunk(2, dim=-1)
+        xs = cross_scan(self._conv(x))
+        Cs = torch.einsum("bkdl,kcd->bkcl", xs, self.x_proj_weight).float()  # (B, K, N, L)
+        if code.states is not None:
+            y = read_out_states(code.states, Cs, skip=code.skip)
+        else:
+            n = B
+            y = selective_scan(code.u.expand(n, -1, -1), code.delta.expand(n, -1, -1),
+                               -torch.exp(self.A_logs.float()), code.B.expand(n, -1, -1, -1), Cs,
+                               backend=self.cfg.scan_backend) + code.skip
+        return self._finish(y.to(u.dtype), z, h, w)
+
+
+class VSSBlock(nn.Module):
+    """x_next = LN_norm(x ⊙ skip_scale + DropPath(SS2D(LN_1(x)))) + x  (style enters the MSTD un-normalised)."""
+
+    def __init__(self, cfg: MambaSTConfig, cross: bool, drop_path: float = 0.0):
+        super().__init__()
+        d = cfg.d_model
+        self.skip_scale = nn.Parameter(torch.ones(d))
+        self.skip_scale2 = nn.Parameter(torch.ones(d))  # in the checkpoints, unused
+        self.ln_1 = nn.LayerNorm(d)
+        self.self_attention = SS2D(cfg, cross)
+        self.norm = nn.LayerNorm(d)
+        self.drop_path = drop_path
+
+    def forward(self, x, style=None):
+        o = self.self_attention(self.ln_1(x), style)
+        return self.norm(x * self.skip_scale + drop_path(o, self.drop_path, self.training)) + x
+
+    def forward_cached(self, x, code: StyleLayerCode):
+        o = self.self_attention.forward_cached(self.ln_1(x), code)
+        return self.norm(x * self.skip_scale + o) + x
+
+
+class Encoder(nn.Module):
+    def __init__(self, cfg: MambaSTConfig):
+        super().__init__()
+        self.layers = nn.ModuleList([VSSBlock(cfg, cross=False) for _ in range(cfg.n_encoder_layers)])
+
+    def forward(self, x):
+        for layer in self.layers:
+            x = layer(x)
+        return x
+
+
+class Decoder(nn.Module):
+    """MSTD: cross blocks reading a shuffled style memory, then a final LayerNorm."""
+
+    def __init__(self, cfg: MambaSTConfig):
+        super().__init__()
+        self.layers = nn.ModuleList([VSSBlock(cfg, cross=True, drop_path=cfg.drop_path)
+                                     for _ in range(cfg.n_decoder_layers)])
+        self.norm = nn.LayerNorm(cfg.d_model)
+
+    def forward(self, content, style, perms):
+        """content, style: (B, h, w, d); perms: one permutation of the L style tokens per layer."""
+        B, h, w, d = style.shape
+        flat = style.reshape(B, h * w, d)
+        for layer, perm in zip(self.layers, perms):
+            content = layer(content, flat[:, perm].view(B, h, w, d))
+        return self.norm(content)
+
+
+class MambaBody(nn.Module):
+    """The official `mamba_iter_*.pth` module: two encoders and the MSTD (+ the unused `new_ps`)."""
+
+    def __init__(self, cfg: MambaSTConfig):
+        super().__init__()
+        self.encoder_c = Encoder(cfg)
+        self.encoder_s = Encoder(cfg)
+        self.decoder = Decoder(cfg)
+        self.new_ps = nn.Conv2d(cfg.d_model, cfg.d_model, 1)  # in the checkpoints, unused
+
+
+def cnn_decoder(cfg: MambaSTConfig) -> nn.Sequential:
+    """The StyTR-2 decoder, ×8 upsampling; Sequential indices match the official `decoder_iter_*.pth`."""
+    c1, c2, c3 = cfg.decoder_channels
+
+    def conv(cin, cout):
+        return [nn.ReflectionPad2d(1), nn.Conv2d(cin, cout, 3)]
+
+    up = nn.Upsample(scale_factor=2, mode="nearest")
+    return nn.Sequential(
+        *conv(cfg.d_model, c1), nn.ReLU(), up,
+        *conv(c1, c1), nn.ReLU(), *conv(c1, c1), nn.ReLU(), *conv(c1, c1), nn.ReLU(),
+        *conv(c1, c2), nn.ReLU(), nn.Upsample(scale_factor=2, mode="nearest"),
+        *conv(c2, c2), nn.ReLU(), *conv(c2, c3), nn.ReLU(), nn.Upsample(scale_factor=2, mode="nearest"),
+        *conv(c3, c3), nn.ReLU(), *conv(c3, 3),
+    )
+
+
+# ----------------------------------------------------------------------------------------------------------
+# The model
+
+
+@dataclass
+class StyleCode:
+    """Everything that depends only on the style, for one token grid: computed once per clip."""
+    grid: tuple[int, int]                     # (h, w) token grid of the padded content
+    seed: int
+    tokens: torch.Tensor                      # style encoder output on that grid, (1, h, w, d), before shuffling
+    perms: list[torch.Tensor]                 # fixed token permutation per MSTD layer
+    layers: list[StyleLayerCode] = field(default_factory=list)
+
+
+def style_permutations(n_layers: int, length: int, seed: int) -> list[torch.Tensor]:
+    """One fixed permutation of the style tokens per MSTD layer, from a private CPU generator.
+
+    The official code draws argsort(rand(L)) from the global RNG on every call; a seeded private generator
+    gives the same distribution, identical on every worker and retry, and never disturbs the global RNG.
+    """
+    g = torch.Generator().manual_seed(int(seed))
+    return [torch.argsort(torch.rand(length, generator=g)) for _ in range(n_layers)]
+
+
+def pad_to_multiple(img: torch.Tensor, m: int) -> tuple[torch.Tensor, tuple[int, int]]:
+    """Pad (B, C, H, W) on the bottom/right to multiples of m, at least 2m (the CNN decoder's reflection pads
+    need a 2×2 token map). Reflect; replicate when the frame is too small to reflect."""
+    H, W = img.shape[-2:]
+    ph, pw = max((-H) % m, 2 * m - H), max((-W) % m, 2 * m - W)
+    if ph == 0 and pw == 0:
+        return img, (H, W)
+    mode = "reflect" if ph < H and pw < W else "replicate"
+    return F.pad(img, (0, pw, 0, ph), mode=mode), (H, W)
+
+
+def resize_image(img: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+    """Area-correct resize of (B, 3, H, W) images (antialiased bilinear)."""
+    if tuple(img.shape[-2:]) == tuple(size):
+        return img
+    return F.interpolate(img, size=size, mode="bilinear", align_corners=False, antialias=True)
+
+
+class MambaST(nn.Module):
+    def __init__(self, cfg: MambaSTConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.embedding = PatchEmbed(cfg)
+        self.mamba = MambaBody(cfg)
+        self.decode = cnn_decoder(cfg)
+        init_weights(self, "mamba", seed=0)  # no uninitialised parameters, whatever is loaded next
+
+    # --- training / plain path --------------------------------------------------------------------------
+
+    def forward(self, content, style, perms=None, seed=None):
+        """Plain path: content (B,3,H,W), style (B,3,H',W') in [0,1] -> (B,3,H,W). No cache.
+
+        The style is resized to the content's padded size. `perms` fixes the style permutations (else they are
+        drawn from `seed`, else from the global RNG like the official code).
+        """
+        x, (H, W) = pad_to_multiple(content, self.cfg.patch_size)
+        style = resize_image(style, x.shape[-2:])
+        c = self.mamba.encoder_c(self.embedding(x))
+        s = self.mamba.encoder_s(self.embedding(style))
+        if perms is None:
+            L = c.shape[1] * c.shape[2]
+            perms = (style_permutations(self.cfg.n_decoder_layers, L, seed) if seed is not None
+                     else [torch.argsort(torch.rand(L)) for _ in range(self.cfg.n_decoder_layers)])
+        y = self.mamba.decoder(c, s, [p.to(c.device) for p in perms])
+        return self.decode_tokens(y)[..., :H, :W]
+
+    def decode_tokens(self, y):
+        """(B, h, w, d) -> (B, 3, 8h, 8w)."""
+        return self.decode(y.permute(0, 3, 1, 2).contiguous())
+
+    # --- inference path: style once, frames many times ---------------------------------------------------
+
+    def token_grid(self, height: int, width: int) -> tuple[int, int]:
+        """Token grid (h, w) of a frame after `pad_to_multiple`."""
+        p = self.cfg.patch_size
+        return (max(-(-height // p), 2), max(-(-width // p), 2))
+
+    def _keep_states(self, grid) -> bool:
+        if self.cfg.style_cache != "auto":
+            return self.cfg.style_cache == "states"
+        L = grid[0] * grid[1]
+        nbytes = self.cfg.n_decoder_layers * L * SS2D.K * self.cfg.d_inner * self.cfg.d_state * 4
+        return nbytes <= self.cfg.state_cache_gb * 2**30
+
+    @torch.no_grad()
+    def encode_style(self, style: torch.Tensor, grid: tuple[int, int], seed: int = 0) -> StyleCode:
+        """style (1, 3, H', W') in [0,1] -> StyleCode for content whose token grid is `grid` = (h, w)."""
+        p = self.cfg.patch_size
+        s = self.mamba.encoder_s(self.embedding(resize_image(style, (grid[0] * p, grid[1] * p))))
+        return self.style_code_from_tokens(s, seed)
+
+    @torch.no_grad()
+    def style_code_from_tokens(self, tokens: torch.Tensor, seed: int = 0) -> StyleCode:
+        """Build the per-layer caches from style encoder tokens (1, h, w, d); used for blends too."""
+        _, h, w, d = tokens.shape
+        perms = style_permutations(self.cfg.n_decoder_layers, h * w, seed)
+        keep = self._keep_states((h, w))
+        flat = tokens.reshape(1, h * w, d)
+        layers = [layer.self_attention.encode_style(flat[:, perm.to(tokens.device)].view(1, h, w, d), keep)
+                  for layer, perm in zip(self.mamba.decoder.layers, perms)]
+        return StyleCode(grid=(h, w), seed=seed, tokens=tokens, perms=perms, layers=layers)
+
+    @torch.no_grad()
+    def stylize_tokens(self, frames: torch.Tensor, style: StyleCode) -> torch.Tensor:
+        """Padded frames (B, 3, 8h, 8w) -> decoder tokens (B, h, w, d): only the content-dependent work."""
+        c = self.mamba.encoder_c(self.embedding(frames))
+        if tuple(c.shape[1:3]) != tuple(style.grid):
+            raise ValueError(f"frames give token grid {tuple(c.shape[1:3])}, style code was made for {style.grid}")
+        for layer, code in zip(self.mamba.decoder.layers, style.layers):
+            c = layer.forward_cached(c, code)
+        return self.mamba.decoder.norm(c)
+
+    @torch.no_grad()
+    def stylize(self, frames: torch.Tensor, style: StyleCode, token_hook=None) -> torch.Tensor:
+        """frames (B, 3, H, W) in [0,1] -> stylized (B, 3, H, W), unclamped.
+
+        `token_hook(tokens) -> tokens` may edit the decoder tokens before the CNN decoder (temporal smoothing).
+        """
+        x, (H, W) = pad_to_multiple(frames, self.cfg.patch_size)
+        y = self.stylize_tokens(x, style)
+        if token_hook is not None:
+            y = token_hook(y)
+        return self.decode_tokens(y)[..., :H, :W]
+
+    def scan_backend(self, device=None) -> str:
+        return resolve_backend(self.cfg.scan_backend, device or next(self.parameters()).device)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Initialisation for training from scratch
+
+
+def init_weights(model: MambaST, scheme: str = "mamba", seed: int = 0) -> None:
+    """'official': xavier_uniform_ on every ≥2-D parameter of `mamba` (which also clobbers A and the dt bias,
+    as the official code does). 'mamba': the same for the projections, but A and Δ initialised as in Mamba
+    (A = -(1..N), dt ∈ [1e-3, 0.1] log-uniform through the softplus inverse), which trains faster.
+    """
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.mamba.named_parameters():
+            if p.dim() > 1:
+                bound = math.sqrt(6.0 / _fans(p))
+                p.copy_(torch.rand(p.shape, generator=g) * 2 * bound - bound)
+        if scheme == "mamba":
+            n = model.cfg.d_state
+            for mod in model.modules():
+                if isinstance(mod, SS2D):
+                    mod.A_logs.copy_(torch.log(torch.arange(1, n + 1, dtype=torch.float32)).expand_as(mod.A_logs))
+                    dt = torch.exp(torch.rand(mod.dt_projs_bias.shape, generator=g)
+                                   * (math.log(0.1) - math.log(1e-3)) + math.log(1e-3))
+                    mod.dt_projs_bias.copy_(dt + torch.log(-torch.expm1(-dt)))
+        elif scheme != "official":
+            raise ValueError(f"unknown init scheme {scheme!r}")
+
+
+def _fans(p: torch.Tensor) -> int:
+    fan_in, fan_out = nn.init._calculate_fan_in_and_fan_out(p)
+    return fan_in + fan_out

@@ -1,0 +1,238 @@
+"""Training-free temporal smoothing of stylized video: flow-guided, occlusion-aware blending with the past.
+
+Two smoothers share one motion estimate per frame:
+
+* `OutputSmoother` blends the stylized RGB frame with the previous *smoothed* output warped onto the current frame:
+  ``out = (1 - α·M)·stylized + α·M·warp(prev_out)``.
+* `TokenSmoother` does the same on the decoder token grid (1 x C x H/8 x W/8) between the Mamba decoder and the
+  CNN decoder, with the flow and the mask resized to token resolution.
+
+Motion (`MotionEstimator`) comes from the *content* (input) frames, never from the stylized ones: DIS flow from the
+current frame back to the previous one, plus the reverse flow for the forward-backward occlusion check and
+motion boundaries (pipeline/flow.py), at a reduced scale for speed. M is the soft non-occlusion mask; α comes from
+the one user knob `TemporalConfig.strength`. Shot cuts (pipeline/shots.py, on content frames) restart the
+smoothing: the first frame of a shot is the stylized frame itself.
+
+Sharing one flow computation between both smoothers::
+
+    motion = MotionEstimator(config)
+    tokens_smoother, output_smoother = TokenSmoother(config), OutputSmoother(config)
+    for content in frames:
+        m = motion.step(content)                       # flows computed once for this frame
+        tokens = tokens_smoother.step(content, tokens, motion=m)
+        out = output_smoother.step(content, stylized, motion=m)
+
+Design choice: exact chunking through a finite memory
+------------------------------------------------------
+A render farm cuts a clip into chunks, and each chunk starts `warmup` frames early and drops those outputs. For
+the result to be *bit-identical* to an unchunked run, the output at frame t may depend only on frames
+``t - warmup .. t``. The plain recursion ``r_t = x_t + α·M_t·(warp(r_{t-1}) - x_t)`` has infinite memory, so
+instead each output is that recursion *restarted* `warmup` frames back:
+
+    out_t = r_t started at s = max(t - warmup, first frame of the shot), with r_s = x_s.
+
+This is computed incrementally: the smoother keeps the `warmup` runs started at frames ``t-warmup+1 .. t``; each
+step advances every run by one blend with the current flow, outputs the oldest, drops it and starts a new run at
+the current frame. Cost: `warmup` warps + blends per frame (one flow pair). Unlike a reset at fixed keyframes it
+is the same filter at every frame (no periodic pop), and chunk boundaries can fall anywhere.
+
+What makes the equality exact and not just close:
+
+* every run is warped on its own, with the same shape and the same `warp` call, whatever the number of live runs
+  (`cv2.remap` results depend on the channel count, see pipeline/flow.py);
+* the flow, the occlusion mask and the shot decision for frame t depend only on content frames t-1 and t
+  (DIS is deterministic; `ShotDetector` has no memory such as a minimum shot length);
+* the first frame a chunk sees is a shot start for the estimator, and the windows of the kept frames never
+  reach back past it.
+
+The price is that influence older than `warmup` frames is cut off (with α = 0.63 the dropped tail of the infinite
+recursion would weigh α^5 ≈ 0.1). Stacked smoothers add their memories: token and output smoothing together
+need chunks to start ``config.chunk_lead_in(2)`` frames early.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import cv2
+import numpy as np
+import torch
+
+from models.errors import UserError
+from pipeline.flow import DIS_PRESETS, estimate_flow, occlusion_mask, resize_flow, scaled_size, to_gray, warp
+from pipeline.shots import DEFAULT_THRESHOLD, content_score, thumbnail_hsv
+
+MAX_ALPHA = 0.9     # strength 1 -> 90 % of each non-occluded pixel comes from the warped past
+MASK_SIGMA = 1.0    # Gaussian softening of the non-occlusion mask, in flow-resolution pixels
+
+
+@dataclass(frozen=True)
+class TemporalConfig:
+    """Temporal smoothing settings. `strength` is the one user-facing knob; the rest are engineering defaults."""
+
+    strength: float = 0.7            # 0 = per-frame output, 1 = strongest smoothing
+    flow_preset: str = "ultrafast"   # DIS preset for smoothing ('ultrafast' previews/1080p, 'fast')
+    flow_scale: float = 0.5          # flow computed on frames downscaled by this factor
+    warmup: int = 4                  # memory: output t depends on frames t-warmup..t only (chunk lead-in)
+    shot_threshold: float = DEFAULT_THRESHOLD
+
+    def __post_init__(self):
+        if not 0.0 <= self.strength <= 1.0:
+            raise UserError(f"temporal.strength: must be between 0 and 1, got {self.strength}")
+        if self.flow_preset not in DIS_PRESETS:
+            raise UserError(f"temporal.flow_preset: must be one of {', '.join(DIS_PRESETS)}, got {self.flow_preset!r}")
+        if not 0.0 < self.flow_scale <= 1.0:
+            raise UserError(f"temporal.flow_scale: must be in (0, 1], got {self.flow_scale}")
+        if not (isinstance(self.warmup, int) and 1 <= self.warmup <= 64):
+            raise UserError(f"temporal.warmup: must be an integer from 1 to 64, got {self.warmup!r}")
+        if not self.shot_threshold > 0:
+            raise UserError(f"temporal.shot_threshold: must be > 0, got {self.shot_threshold}")
+
+    @property
+    def alpha(self) -> float:
+        """Blend weight of the warped past on fully visible pixels."""
+        return MAX_ALPHA * self.strength
+
+    def chunk_lead_in(self, smoothers: int = 1) -> int:
+        """Frames a chunk must start early to match an unchunked run exactly, with `smoothers` chained smoothers."""
+        return self.warmup * smoothers
+
+
+@dataclass
+class FrameMotion:
+    """Motion of one content frame relative to the previous one, at flow resolution.
+
+    `shot_start`: no usable previous frame (first frame, cut, size change); `flow` and `valid` are then None.
+    `flow`: current -> previous on the current grid, so ``warp(prev, flow)`` lands on the current frame.
+    `valid`: soft non-occlusion weight M in [0, 1].
+    """
+
+    shot_start: bool
+    flow: np.ndarray | None = None
+    valid: np.ndarray | None = None
+    _resized: dict = field(default_factory=dict, repr=False)
+
+    def at(self, size: tuple[int, int]) -> tuple[np.ndarray, np.ndarray]:
+        """(flow, valid) resized to `size` = (h, w): full frame, stylized frame or token grid. Cached per size."""
+        if size not in self._resized:
+            h, w = size
+            shrinking = h * w < self.valid.size
+            valid = cv2.resize(self.valid, (w, h), interpolation=cv2.INTER_AREA if shrinking else cv2.INTER_LINEAR)
+            self._resized[size] = (resize_flow(self.flow, size), np.clip(valid, 0.0, 1.0))
+        return self._resized[size]
+
+
+class MotionEstimator:
+    """Per-frame motion of the content video; call `step` once per frame, share its result between smoothers."""
+
+    def __init__(self, config: TemporalConfig | None = None):
+        self.config = config or TemporalConfig()
+        self.reset()
+
+    def reset(self) -> None:
+        self._prev = None  # (frame shape, shot thumbnail, small gray frame) of the previous content frame
+
+    def step(self, content_rgb: np.ndarray) -> FrameMotion:
+        """Motion from `content_rgb` (RGB uint8) back to the previous frame passed to `step`."""
+        gray = to_gray(content_rgb)
+        h, w = scaled_size(*gray.shape, self.config.flow_scale)
+        gray = cv2.resize(gray, (w, h), interpolation=cv2.INTER_AREA) if (h, w) != gray.shape else gray
+        hsv = thumbnail_hsv(content_rgb)
+        prev, self._prev = self._prev, (content_rgb.shape, hsv, gray)
+
+        if prev is None or prev[0] != content_rgb.shape or content_score(prev[1], hsv) > self.config.shot_threshold:
+            return FrameMotion(shot_start=True)
+        prev_gray = prev[2]
+        flow = estimate_flow(gray, prev_gray, self.config.flow_preset)   # current -> previous
+        back = estimate_flow(prev_gray, gray, self.config.flow_preset)   # previous -> current
+        visible = (~occlusion_mask(flow, back)).astype(np.float32)
+        softened = cv2.GaussianBlur(visible, (0, 0), MASK_SIGMA, borderType=cv2.BORDER_REPLICATE)
+        return FrameMotion(shot_start=False, flow=flow, valid=np.minimum(visible, softened))
+
+
+class WindowedBlend:
+    """The finite-memory recursion shared by both smoothers (see "Design choice" in the module docstring).
+
+    Works on float32 arrays, H x W x C or (`channels_first`) C x H x W.
+    """
+
+    def __init__(self, alpha: float, warmup: int, channels_first: bool = False):
+        self.alpha = alpha
+        self.warmup = warmup
+        self.channels_first = channels_first
+        self.reset()
+
+    def reset(self) -> None:
+        self._runs: list[np.ndarray] = []  # recursions started at frames t-warmup+1 .. t, oldest first
+
+    def step(self, x: np.ndarray, motion: FrameMotion) -> np.ndarray:
+        """Blend `x` (float32, owned by the caller's copy) with the warped past; returns a new array."""
+        if motion.shot_start or (self._runs and self._runs[0].shape != x.shape):
+            self._runs = []
+        advanced = []
+        if self._runs:
+            size = x.shape[1:] if self.channels_first else x.shape[:2]
+            flow, valid = motion.at(size)
+            weight = self.alpha * (valid[None] if self.channels_first else valid[..., None])
+            advanced = [x + weight * (warp(run, flow, self.channels_first) - x) for run in self._runs]
+        out = advanced[0] if advanced else x
+        self._runs = (advanced + [x])[-self.warmup:]
+        return out.copy()
+
+
+class OutputSmoother:
+    """Occlusion-aware blending of stylized RGB frames with the previous smoothed output (diffusers-style)."""
+
+    def __init__(self, config: TemporalConfig | None = None):
+        self.config = config or TemporalConfig()
+        self.motion = MotionEstimator(self.config)
+        self.blend = WindowedBlend(self.config.alpha, self.config.warmup)
+
+    def reset(self) -> None:
+        self.motion.reset()
+        self.blend.reset()
+
+    def step(self, content_rgb: np.ndarray, stylized: np.ndarray, motion: FrameMotion | None = None) -> np.ndarray:
+        """Smoothed version of `stylized` (H x W x 3, uint8 or float; same dtype back, uint8 rounded).
+
+        `content_rgb`: the input frame (RGB uint8) the stylized frame was made from; the stylized frame may have a
+        different size with the same aspect ratio. Pass `motion` (from a shared `MotionEstimator`) to reuse flows
+        computed for this frame; then pass it on every frame.
+        """
+        if motion is None:
+            motion = self.motion.step(content_rgb)
+        if stylized.ndim != 3:
+            raise ValueError(f"stylized frame must be H x W x C, got shape {stylized.shape}")
+        if self.config.strength == 0:
+            return stylized.copy()
+        out = self.blend.step(stylized.astype(np.float32), motion)
+        if stylized.dtype == np.uint8:
+            return np.clip(np.rint(out), 0, 255).astype(np.uint8)
+        return out
+
+
+class TokenSmoother:
+    """The same blending on decoder tokens (1 x C x h x w, h = H/8), for use between the Mamba and CNN decoders.
+
+    The work is done in float32 on the CPU (bit-reproducible on any machine); the result goes back to the tokens'
+    device and dtype.
+    """
+
+    def __init__(self, config: TemporalConfig | None = None):
+        self.config = config or TemporalConfig()
+        self.motion = MotionEstimator(self.config)
+        self.blend = WindowedBlend(self.config.alpha, self.config.warmup, channels_first=True)
+
+    def reset(self) -> None:
+        self.motion.reset()
+        self.blend.reset()
+
+    def step(self, content_rgb: np.ndarray, tokens: torch.Tensor, motion: FrameMotion | None = None) -> torch.Tensor:
+        if motion is None:
+            motion = self.motion.step(content_rgb)
+        if tokens.ndim != 4 or tokens.shape[0] != 1:
+            raise ValueError(f"tokens must be 1 x C x h x w, got {tuple(tokens.shape)}")
+        if self.config.strength == 0:
+            return tokens
+        grid = tokens[0].detach().to("cpu", torch.float32).numpy().copy()
+        out = self.blend.step(grid, motion)
+        return torch.from_numpy(out)[None].to(device=tokens.device, dtype=tokens.dtype)
