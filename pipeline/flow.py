@@ -18,6 +18,8 @@ other channels travel with it.
 """
 from __future__ import annotations
 
+import functools
+
 import cv2
 import numpy as np
 
@@ -90,11 +92,21 @@ def resize_flow(flow: np.ndarray, size: tuple[int, int]) -> np.ndarray:
     return resized
 
 
+@functools.lru_cache(maxsize=16)
+def _pixel_grid(height: int, width: int) -> tuple[np.ndarray, np.ndarray]:
+    grid_x, grid_y = np.meshgrid(np.arange(width, dtype=np.float32), np.arange(height, dtype=np.float32))
+    grid_x.flags.writeable = grid_y.flags.writeable = False
+    return grid_x, grid_y
+
+
 def _sampling_maps(flow: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Absolute sampling coordinates x + f(x) for cv2.remap."""
-    height, width = flow.shape[:2]
-    grid_x, grid_y = np.meshgrid(np.arange(width, dtype=np.float32), np.arange(height, dtype=np.float32))
+    grid_x, grid_y = _pixel_grid(*flow.shape[:2])
     return grid_x + flow[..., 0], grid_y + flow[..., 1]
+
+
+def _squared_norm(flow: np.ndarray) -> np.ndarray:
+    return flow[..., 0] * flow[..., 0] + flow[..., 1] * flow[..., 1]
 
 
 def warp(image: np.ndarray, flow: np.ndarray, channels_first: bool = False) -> np.ndarray:
@@ -116,12 +128,13 @@ def warp(image: np.ndarray, flow: np.ndarray, channels_first: bool = False) -> n
         raise ValueError(f"image {image.shape} and flow {flow.shape} differ in size")
     if image.ndim == 2:
         return remap(image)
-    if channels_first:
-        return np.stack([remap(plane) for plane in image])
-    channels = image.shape[2]
-    if channels in (3, 4):
+    if not channels_first and image.shape[2] in (3, 4):
         return remap(image)
-    return np.stack([remap(image[..., c]) for c in range(channels)], axis=2)
+    planes = np.ascontiguousarray(image if channels_first else image.transpose(2, 0, 1))
+    out = np.empty_like(planes)
+    for plane, dst in zip(planes, out):
+        cv2.remap(plane, map_x, map_y, cv2.INTER_LINEAR, dst=dst, borderMode=cv2.BORDER_REPLICATE)
+    return out if channels_first else np.ascontiguousarray(out.transpose(1, 2, 0))
 
 
 def outside_mask(flow: np.ndarray) -> np.ndarray:
@@ -145,15 +158,14 @@ def occlusion_mask(flow_fw: np.ndarray, flow_bw: np.ndarray, include_outside: bo
     if flow_fw.shape != flow_bw.shape:
         raise ValueError(f"forward flow {flow_fw.shape} and backward flow {flow_bw.shape} differ in size")
     back = warp(flow_bw, flow_fw)  # ŵ(x) = flow_bw(x + w(x))
-    fw_sq = np.square(flow_fw).sum(axis=2)
-    inconsistent = np.square(flow_fw + back).sum(axis=2) > FB_RELATIVE * (fw_sq + np.square(back).sum(axis=2)) + FB_ABSOLUTE
+    fw_sq = _squared_norm(flow_fw)
+    inconsistent = _squared_norm(flow_fw + back) > FB_RELATIVE * (fw_sq + _squared_norm(back)) + FB_ABSOLUTE
 
     grad_x = np.zeros_like(flow_fw)
     grad_y = np.zeros_like(flow_fw)
     grad_x[:, :-1] = flow_fw[:, :-1] - flow_fw[:, 1:]
     grad_y[:-1, :] = flow_fw[:-1, :] - flow_fw[1:, :]
-    gradient_sq = np.square(grad_x).sum(axis=2) + np.square(grad_y).sum(axis=2)
-    boundary = gradient_sq > BOUNDARY_RELATIVE * fw_sq + BOUNDARY_ABSOLUTE
+    boundary = _squared_norm(grad_x) + _squared_norm(grad_y) > BOUNDARY_RELATIVE * fw_sq + BOUNDARY_ABSOLUTE
 
     occluded = inconsistent | boundary
     if include_outside:

@@ -3,7 +3,7 @@
 Two smoothers share one motion estimate per frame:
 
 * `OutputSmoother` blends the stylized RGB frame with the previous *smoothed* output warped onto the current frame:
-  ``out = (1 - α·M)·stylized + α·M·warp(prev_out)``.
+  ``out = (1 - α·M)·stylized + α·M·warp(prev_out)``, as a finite-memory variant (see "Design choice" below).
 * `TokenSmoother` does the same on the decoder token grid (1 x C x H/8 x W/8) between the Mamba decoder and the
   CNN decoder, with the flow and the mask resized to token resolution.
 
@@ -26,28 +26,35 @@ Design choice: exact chunking through a finite memory
 ------------------------------------------------------
 A render farm cuts a clip into chunks, and each chunk starts `warmup` frames early and drops those outputs. For
 the result to be *bit-identical* to an unchunked run, the output at frame t may depend only on frames
-``t - warmup .. t``. The plain recursion ``r_t = x_t + α·M_t·(warp(r_{t-1}) - x_t)`` has infinite memory, so
-instead each output is that recursion *restarted* `warmup` frames back:
+``t - warmup .. t``. The plain recursion ``r_t = x_t + α·M_t·(warp(r_{t-1}) - x_t)`` has infinite memory, so it
+is instead *restarted* at each of the last frames, and the restarted runs are averaged:
 
-    out_t = r_t started at s = max(t - warmup, first frame of the shot), with r_s = x_s.
+    run_s(t) = the recursion from r_s = x_s up to frame t,   s = max(t - warmup, shot start) .. t
+    out_t    = mean over s of run_s(t)
 
-This is computed incrementally: the smoother keeps the `warmup` runs started at frames ``t-warmup+1 .. t``; each
-step advances every run by one blend with the current flow, outputs the oldest, drops it and starts a new run at
-the current frame. Cost: `warmup` warps + blends per frame (one flow pair). Unlike a reset at fixed keyframes it
+The smoother keeps the `warmup` runs started at frames ``t-warmup+1 .. t``; each step advances every run by one
+blend with the current flow, starts a new run at the current frame (r = x_t), outputs the mean of all of them and
+drops the oldest. Cost: `warmup` warps + blends per frame, one flow pair. Unlike a reset at fixed keyframes this
 is the same filter at every frame (no periodic pop), and chunk boundaries can fall anywhere.
+
+Why the mean and not just the oldest run (which is the plain recursion truncated): with full visibility the
+weights of frames t, t-1, .. t-4 are, for α = 0.72, [0.42, 0.27, 0.16, 0.10, 0.05] for the mean, a smooth taper,
+while the oldest run puts α⁴ = 0.27 on frame t-4 alone, which then drops out abruptly on the next frame. For
+i.i.d. per-frame noise the frame-to-frame variance (what the warping error sees; 2 without smoothing) is 0.23
+(mean) vs 0.19 (oldest) at α = 0.72, but 0.10 vs 0.78 at α = 0.9: only the mean gets steadily better as the
+strength rises, so the user's knob is monotonic. (The infinite recursion at α = 0.8 gives 0.22.)
 
 What makes the equality exact and not just close:
 
 * every run is warped on its own, with the same shape and the same `warp` call, whatever the number of live runs
-  (`cv2.remap` results depend on the channel count, see pipeline/flow.py);
+  (`cv2.remap` results depend on the channel count, see pipeline/flow.py), and runs are summed oldest first;
 * the flow, the occlusion mask and the shot decision for frame t depend only on content frames t-1 and t
   (DIS is deterministic; `ShotDetector` has no memory such as a minimum shot length);
 * the first frame a chunk sees is a shot start for the estimator, and the windows of the kept frames never
   reach back past it.
 
-The price is that influence older than `warmup` frames is cut off (with α = 0.63 the dropped tail of the infinite
-recursion would weigh α^5 ≈ 0.1). Stacked smoothers add their memories: token and output smoothing together
-need chunks to start ``config.chunk_lead_in(2)`` frames early.
+The price is that nothing older than `warmup` frames contributes. Stacked smoothers add their memories: token
+and output smoothing together need chunks to start ``config.chunk_lead_in(2)`` frames early.
 """
 from __future__ import annotations
 
@@ -61,7 +68,7 @@ from models.errors import UserError
 from pipeline.flow import DIS_PRESETS, estimate_flow, occlusion_mask, resize_flow, scaled_size, to_gray, warp
 from pipeline.shots import DEFAULT_THRESHOLD, content_score, thumbnail_hsv
 
-MAX_ALPHA = 0.9     # strength 1 -> 90 % of each non-occluded pixel comes from the warped past
+MAX_ALPHA = 0.9     # strength 1 -> each run takes 90 % of a visible pixel from its warped past
 MASK_SIGMA = 1.0    # Gaussian softening of the non-occlusion mask, in flow-resolution pixels
 
 
@@ -69,7 +76,7 @@ MASK_SIGMA = 1.0    # Gaussian softening of the non-occlusion mask, in flow-reso
 class TemporalConfig:
     """Temporal smoothing settings. `strength` is the one user-facing knob; the rest are engineering defaults."""
 
-    strength: float = 0.7            # 0 = per-frame output, 1 = strongest smoothing
+    strength: float = 0.8            # 0 = per-frame output, 1 = strongest smoothing (α = 0.9·strength)
     flow_preset: str = "ultrafast"   # DIS preset for smoothing ('ultrafast' previews/1080p, 'fast')
     flow_scale: float = 0.5          # flow computed on frames downscaled by this factor
     warmup: int = 4                  # memory: output t depends on frames t-warmup..t only (chunk lead-in)
@@ -150,7 +157,7 @@ class MotionEstimator:
 
 
 class WindowedBlend:
-    """The finite-memory recursion shared by both smoothers (see "Design choice" in the module docstring).
+    """The mean of restarted recursions shared by both smoothers (see "Design choice" in the module docstring).
 
     Works on float32 arrays, H x W x C or (`channels_first`) C x H x W.
     """
@@ -165,7 +172,7 @@ class WindowedBlend:
         self._runs: list[np.ndarray] = []  # recursions started at frames t-warmup+1 .. t, oldest first
 
     def step(self, x: np.ndarray, motion: FrameMotion) -> np.ndarray:
-        """Blend `x` (float32, owned by the caller's copy) with the warped past; returns a new array."""
+        """Blend `x` (a float32 array the blend may keep: pass a copy) with the warped past; returns a new array."""
         if motion.shot_start or (self._runs and self._runs[0].shape != x.shape):
             self._runs = []
         advanced = []
@@ -173,10 +180,19 @@ class WindowedBlend:
             size = x.shape[1:] if self.channels_first else x.shape[:2]
             flow, valid = motion.at(size)
             weight = self.alpha * (valid[None] if self.channels_first else valid[..., None])
-            advanced = [x + weight * (warp(run, flow, self.channels_first) - x) for run in self._runs]
-        out = advanced[0] if advanced else x
-        self._runs = (advanced + [x])[-self.warmup:]
-        return out.copy()
+            for run in self._runs:                 # run <- x + weight * (warp(run) - x), in place
+                warped = warp(run, flow, self.channels_first)
+                warped -= x
+                warped *= weight
+                warped += x
+                advanced.append(warped)
+        runs = advanced + [x]                      # started at frames t-warmup .. t (fewer after a shot start)
+        out = runs[0].copy()
+        for run in runs[1:]:                       # fixed order: oldest first
+            out += run
+        out /= len(runs)
+        self._runs = runs[-self.warmup:]
+        return out
 
 
 class OutputSmoother:

