@@ -12,11 +12,13 @@ weight file, so the file loads with `strict=True` into `net.backbone`. `features
 returns one activation per tap, shallow to deep; each net applies its own input normalisation.
 
 `smooth=True` applies SWAG activation smoothing (Wang, Li & Vasconcelos, "Rethinking and Improving the
-Robustness of Image Style Transfer", CVPR 2021) to every tapped activation: they found that residual
+Robustness of Image Style Transfer", CVPR 2021) to every tapped activation. The paper finds that residual
 architectures give peaky, low-entropy activations that make poor style statistics, and that a softmax over
-the activations fixes much of that. We take the softmax over channels at each position (with a temperature)
-and scale it by the channel count so a tap's values average 1, which keeps loss magnitudes comparable across
-taps. The paper's exact normalisation axis was not checked against its text here; compare both settings.
+the activations helps. Here the softmax runs over channels at each position, with a temperature, and is
+scaled by the channel count so that a tap's values average 1 and loss magnitudes stay comparable across taps.
+We did not check the paper's normalisation axis against its text. Measured on our taps: at temperature 1
+the softmax makes the deep taps peakier, not smoother (ReLU6 outputs span 0–6, and e^6 ≈ 400), while at
+temperature 4 it is close to neutral. Compare both settings before relying on it.
 """
 from __future__ import annotations
 
@@ -147,11 +149,17 @@ class _InvertedResidual(nn.Module):
             nn.BatchNorm2d(cout),
         ]
         self.conv = nn.Sequential(*layers)
+        self.expands = expand != 1
         self.residual = stride == 1 and cin == cout
 
     def forward(self, x: Tensor) -> Tensor:
-        y = self.conv(x)
-        return x + y if self.residual else y
+        return self.forward_with_hidden(x)[0]
+
+    def forward_with_hidden(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        """(block output, the expanded ReLU6 activation inside the block)."""
+        hidden = self.conv[0](x) if self.expands else x
+        y = self.conv[1:](hidden) if self.expands else self.conv(x)
+        return (x + y if self.residual else y), hidden
 
 
 class _MobileNetV2Backbone(nn.Module):
@@ -172,15 +180,22 @@ class _MobileNetV2Backbone(nn.Module):
 
 
 class MobileNetV2(PerceptualNet):
-    """torchvision MobileNetV2 (ImageNet top-1 71.9 %); ImageNet mean/std input."""
+    """torchvision MobileNetV2 (ImageNet top-1 71.9 %); ImageNet mean/std input.
 
-    # tap name -> index in backbone.features whose output is tapped
-    TAP_BLOCKS = {"block1": 1, "block3": 3, "block6": 6, "block13": 13, "block17": 17}
+    Taps are ReLU6 activations, the counterparts of VGG's relu*_1, one per scale: the stem (32 ch, /2), the
+    expanded activation inside blocks 4, 7 and 11 (144 ch /4, 192 ch /8, 384 ch /16) and the head (1280 ch,
+    /32). The block outputs (the linear residual stream) are the alternative; on the gcompris paintings their
+    mean/std statistics told paintings apart less well at /4, and some are very peaky (block 16 keeps 69 % of
+    its energy in 1 % of the values).
+    """
+
+    STEM, HEAD = 0, 18  # indices in backbone.features
+    EXPANDED_TAPS = (4, 7, 11)
 
     def __init__(self, smooth: bool = False, temperature: float = 1.0):
         super().__init__(smooth, temperature)
         self.backbone = _MobileNetV2Backbone()
-        self.taps = list(self.TAP_BLOCKS)
+        self.taps = ["stem"] + [f"expand{i}" for i in self.EXPANDED_TAPS] + ["head"]
         self.content_taps = (3, 4)
         self.register_buffer("mean", torch.tensor(_IMAGENET_MEAN).view(1, 3, 1, 1), persistent=False)
         self.register_buffer("std", torch.tensor(_IMAGENET_STD).view(1, 3, 1, 1), persistent=False)
@@ -189,11 +204,14 @@ class MobileNetV2(PerceptualNet):
         return (x - self.mean) / self.std
 
     def _tapped(self, x: Tensor) -> list[Tensor]:
-        ends = set(self.TAP_BLOCKS.values())
         feats = []
-        for i, layer in enumerate(self.backbone.features[: max(ends) + 1]):
-            x = layer(x)
-            if i in ends:
+        for i, layer in enumerate(self.backbone.features):
+            if i in self.EXPANDED_TAPS:
+                x, hidden = layer.forward_with_hidden(x)
+                feats.append(hidden)
+            else:
+                x = layer(x)
+            if i in (self.STEM, self.HEAD):
                 feats.append(x)
         return feats
 
@@ -239,10 +257,14 @@ class _MBConv(nn.Module):
         self.residual = stride == 1 and cin == cout
 
     def forward(self, x: Tensor) -> Tensor:
-        y = F.relu6(self._bn0(self._expand_conv(x))) if self.expand else x
-        y = F.relu6(self._bn1(self._depthwise_conv(y)))
+        return self.forward_with_hidden(x)[0]
+
+    def forward_with_hidden(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        """(block output, the expanded ReLU6 activation inside the block)."""
+        hidden = F.relu6(self._bn0(self._expand_conv(x))) if self.expand else x
+        y = F.relu6(self._bn1(self._depthwise_conv(hidden)))
         y = self._bn2(self._project_conv(y))
-        return x + y if self.residual else y
+        return (x + y if self.residual else y), hidden
 
 
 class _EfficientNetLite0Backbone(nn.Module):
@@ -266,15 +288,19 @@ class _EfficientNetLite0Backbone(nn.Module):
 
 
 class EfficientNetLite0(PerceptualNet):
-    """Google EfficientNet-Lite0 (ImageNet top-1 ~75 %); input (255·x − 127) / 128."""
+    """Google EfficientNet-Lite0 (ImageNet top-1 ~75 %); input (255·x − 127) / 128.
 
-    # tap name -> index in backbone._blocks whose output is tapped
-    TAP_BLOCKS = {"block0": 0, "block2": 2, "block4": 4, "block10": 10, "block15": 15}
+    Taps, chosen as for MobileNetV2: the stem (32 ch, /2) and the expanded ReLU6 activation inside blocks 3,
+    5, 8 and 15 (144 ch /4, 240 ch /8, 480 ch /16, 1152 ch /32). The head (1280 ch) is peakier than block
+    15's expansion and told paintings apart less well.
+    """
+
+    EXPANDED_TAPS = (3, 5, 8, 15)  # indices in backbone._blocks
 
     def __init__(self, smooth: bool = False, temperature: float = 1.0):
         super().__init__(smooth, temperature)
         self.backbone = _EfficientNetLite0Backbone()
-        self.taps = list(self.TAP_BLOCKS)
+        self.taps = ["stem"] + [f"expand{i}" for i in self.EXPANDED_TAPS]
         self.content_taps = (3, 4)
 
     def _normalise_input(self, x: Tensor) -> Tensor:
@@ -284,13 +310,12 @@ class EfficientNetLite0(PerceptualNet):
         return F.relu6(self.backbone._bn0(self.backbone._conv_stem(x)))
 
     def _tapped(self, x: Tensor) -> list[Tensor]:
-        ends = set(self.TAP_BLOCKS.values())
         x = self._stem(x)
-        feats = []
-        for i, block in enumerate(self.backbone._blocks[: max(ends) + 1]):
-            x = block(x)
-            if i in ends:
-                feats.append(x)
+        feats = [x]
+        for i, block in enumerate(self.backbone._blocks[: max(self.EXPANDED_TAPS) + 1]):
+            x, hidden = block.forward_with_hidden(x)
+            if i in self.EXPANDED_TAPS:
+                feats.append(hidden)
         return feats
 
     def logits(self, x: Tensor) -> Tensor:

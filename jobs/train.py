@@ -1,0 +1,378 @@
+"""`mambast train RECIPE [--resume]`: train a Mamba-ST variant from folders of content and style images.
+
+The recipe (configs/train/*.yaml) names the model variant, the data (a folder with content/{train,val} and
+style/{train,val}, as `mambast data build` makes it; nested folders are fine), the perceptual network for the
+losses and the loss weights. Losses are the paper's (docs/mamba-st.md §3; models/losses.py):
+
+    L = w_c·L_c + w_s·L_s + w_id1·L_id1 + w_id2·L_id2
+
+A run folder holds `checkpoint.pt` (model, optimiser, step, RNG states; rewritten atomically), `recipe.yaml`
+(the resolved recipe; `--resume` refuses a changed one), `samples/` (content | style | output grids of
+held-out pairs), `losses.png`, `log.jsonl`, and at the end `final/` in our weights format.
+`mambast export-weights RUN -o DIR` writes fp16 safetensors for shipping.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import time
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from tqdm import tqdm
+
+from models.checkpoint import load_model, model_config, read_yaml, save_model
+from models.errors import UserError
+from models.losses import content_loss, identity_losses, style_loss
+from models.mambast import MambaST, init_weights, style_permutations
+from models.perceptual import load_perceptual
+from pipeline.images import contact_sheet, load_image, save_png
+
+IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff"}
+
+
+@dataclass
+class Recipe:
+    model: str = "small"                 # configs/model/<name>.yaml or a path
+    data: str = "data/train"             # content/{train,val}, style/{train,val}
+    out: str = "runs/small"
+    steps: int = 2000
+    batch_size: int = 4
+    crop: int = 128                      # training crop (the model is resolution-free: no positional tables)
+    scale_range: tuple[float, float] = (1.0, 2.0)  # short side resized to crop × U(range) before cropping
+    lr: float = 5e-4
+    lr_min: float = 5e-5                 # cosine decay to this
+    warmup: int = 100
+    weight_content: float = 7.0
+    weight_style: float = 10.0
+    weight_identity_pixel: float = 70.0
+    weight_identity_feature: float = 1.0
+    style_tap_weights: list[float] = field(default_factory=list)  # per perceptual tap; empty = all 1
+    perceptual: str = "mobilenet_v2"
+    perceptual_weights: str | None = None  # only for 'vgg'
+    perceptual_smooth: bool = False
+    perceptual_temperature: float = 1.0
+    init: str = "mamba"                  # 'mamba' or 'official' (xavier everywhere, as the paper's code)
+    seed: int = 777
+    threads: int = 0                     # torch CPU threads; 0 = torch's default
+    sample_every: int = 100
+    checkpoint_every: int = 50
+    val_pairs: int = 4
+
+    @classmethod
+    def load(cls, path: str | os.PathLike, **overrides) -> "Recipe":
+        raw = {**read_yaml(path), **{k: v for k, v in overrides.items() if v is not None}}
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(raw) - known)
+        if unknown:
+            raise UserError(f"{path}: unknown key(s) {', '.join(unknown)}; known: {', '.join(sorted(known))}")
+        try:
+            recipe = cls(**raw)
+        except TypeError as e:
+            raise UserError(f"{path}: {e}") from None
+        for name in ("steps", "batch_size", "crop"):
+            if not isinstance(getattr(recipe, name), int) or getattr(recipe, name) <= 0:
+                raise UserError(f"{path}: {name} must be a positive integer, got {getattr(recipe, name)!r}")
+        recipe.scale_range = tuple(recipe.scale_range)
+        return recipe
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Data
+
+
+def image_files(folder: Path) -> list[Path]:
+    return sorted(p for p in folder.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
+
+
+class ImagePool:
+    """Every image of a folder in memory (uint8, short side capped), sampled as random resized crops."""
+
+    def __init__(self, folder: Path, max_short: int):
+        files = image_files(folder)
+        if not files:
+            raise UserError(f"{folder}: no images found (build the training set with `mambast data build DIR`)")
+        self.images = []
+        for f in files:
+            img = torch.from_numpy(load_image(f)).permute(2, 0, 1).contiguous()  # (3, H, W) uint8
+            h, w = img.shape[1:]
+            if min(h, w) > max_short:
+                s = max_short / min(h, w)
+                img = F.interpolate(img[None].float(), size=(max(1, round(h * s)), max(1, round(w * s))),
+                                    mode="bilinear", antialias=True, align_corners=False)[0].round().clamp(0, 255).byte()
+            self.images.append(img)
+        self.files = files
+
+    def __len__(self):
+        return len(self.images)
+
+    def sample(self, n: int, crop: int, scale_range, g: torch.Generator) -> torch.Tensor:
+        """n random crops (n, 3, crop, crop) in [0,1]: random image, random scale, random position, random flip."""
+        out = []
+        for _ in range(n):
+            img = self.images[int(torch.randint(len(self.images), (1,), generator=g))].float() / 255
+            lo, hi = scale_range
+            short = crop * (lo + (hi - lo) * float(torch.rand(1, generator=g)))
+            h, w = img.shape[1:]
+            s = short / min(h, w)
+            size = (max(crop, round(h * s)), max(crop, round(w * s)))
+            img = F.interpolate(img[None], size=size, mode="bilinear", antialias=True, align_corners=False)[0]
+            y = int(torch.randint(size[0] - crop + 1, (1,), generator=g))
+            x = int(torch.randint(size[1] - crop + 1, (1,), generator=g))
+            img = img[:, y:y + crop, x:x + crop]
+            if float(torch.rand(1, generator=g)) < 0.5:
+                img = img.flip(-1)
+            out.append(img)
+        return torch.stack(out)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Training
+
+
+class Trainer:
+    def __init__(self, recipe: Recipe, resume: bool = False):
+        self.recipe = r = recipe
+        if r.threads:
+            torch.set_num_threads(r.threads)
+        self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        self.out = Path(r.out)
+        data = Path(r.data)
+        for sub in ("content/train", "style/train"):
+            if not (data / sub).is_dir():
+                raise UserError(f"{data}: missing {sub}/ (build it with `mambast data build {data}`)")
+        max_short = int(math.ceil(r.crop * r.scale_range[1]))
+        self.content = ImagePool(data / "content/train", max_short)
+        self.style = ImagePool(data / "style/train", max_short)
+        self.val_content = ImagePool(data / "content/val", 256) if (data / "content/val").is_dir() else self.content
+        self.val_style = ImagePool(data / "style/val", 256) if (data / "style/val").is_dir() else self.style
+
+        torch.manual_seed(r.seed)  # DropPath draws from the global RNG
+        self.model = MambaST(model_config(r.model)).to(self.device)
+        init_weights(self.model, r.init, seed=r.seed)
+        self.model.train()
+        self.net = load_perceptual(r.perceptual, r.perceptual_weights, smooth=r.perceptual_smooth,
+                                   temperature=r.perceptual_temperature).to(self.device)
+        params = [p for n, p in self.model.named_parameters() if _trained(n)]
+        self.opt = torch.optim.Adam(params, lr=r.lr)
+        self.gen = torch.Generator().manual_seed(r.seed)
+        self.step = 0
+        self.history: list[dict] = []
+        self._prepare_run_folder(resume)
+
+    # --- run folder ---------------------------------------------------------------------------------------
+
+    def _prepare_run_folder(self, resume: bool):
+        recipe_doc = asdict(self.recipe)
+        recipe_doc["scale_range"] = list(self.recipe.scale_range)
+        ckpt = self.out / "checkpoint.pt"
+        if ckpt.exists() and not resume:
+            raise UserError(f"{self.out}: a run already exists here (use --resume to continue it, or another out)")
+        if resume:
+            if not ckpt.exists():
+                raise UserError(f"{ckpt}: nothing to resume")
+            saved = read_yaml(self.out / "recipe.yaml")
+            changed = {k for k in recipe_doc if k not in ("steps", "threads") and saved.get(k) != recipe_doc[k]}
+            if changed:
+                raise UserError(f"{self.out}: the recipe changed since this run started ({', '.join(sorted(changed))}); "
+                                f"start a new run or restore the recipe")
+            self._load_checkpoint(ckpt)
+        self.out.mkdir(parents=True, exist_ok=True)
+        (self.out / "samples").mkdir(exist_ok=True)
+        _atomic_write_text(self.out / "recipe.yaml", _yaml(recipe_doc))
+        g = torch.Generator().manual_seed(self.recipe.seed + 1)
+        n = self.recipe.val_pairs
+        self.val_batch = (self.val_content.sample(n, 192, (1.0, 1.0), g), self.val_style.sample(n, 192, (1.0, 1.0), g))
+
+    def _save_checkpoint(self):
+        state = {"model": self.model.state_dict(), "opt": self.opt.state_dict(), "step": self.step,
+                 "gen": self.gen.get_state(), "torch_rng": torch.get_rng_state(),
+                 "history": json.dumps(self.history)}
+        tmp = self.out / "checkpoint.pt.tmp"
+        torch.save(state, tmp)
+        os.replace(tmp, self.out / "checkpoint.pt")
+
+    def _load_checkpoint(self, path: Path):
+        from models.checkpoint import torch_load_safe
+        state = torch_load_safe(path)
+        self.model.load_state_dict(state["model"])
+        self.opt.load_state_dict(state["opt"])
+        self.step = int(state["step"])
+        self.gen.set_state(state["gen"])
+        torch.set_rng_state(state["torch_rng"])
+        self.history = json.loads(state["history"])
+
+    # --- one step -----------------------------------------------------------------------------------------
+
+    def lr_at(self, step: int) -> float:
+        r = self.recipe
+        if step < r.warmup:
+            return r.lr * (step + 1) / r.warmup
+        t = (step - r.warmup) / max(1, r.steps - r.warmup)
+        return r.lr_min + 0.5 * (r.lr - r.lr_min) * (1 + math.cos(math.pi * min(1.0, t)))
+
+    def _perms(self, length: int):
+        seed = int(torch.randint(2**31 - 1, (1,), generator=self.gen))
+        return style_permutations(self.model.cfg.n_decoder_layers, length, seed)
+
+    def losses(self, content: torch.Tensor, style: torch.Tensor) -> dict[str, torch.Tensor]:
+        r, m, net = self.recipe, self.model, self.net
+        L = (content.shape[-2] // 8) * (content.shape[-1] // 8)
+        ics = m(content, style, perms=self._perms(L))
+        icc = m(content, content, perms=self._perms(L))
+        iss = m(style, style, perms=self._perms(L))
+        f_c, f_s = net.features(content), net.features(style)
+        f_cs, f_cc, f_ss = net.features(ics), net.features(icc), net.features(iss)
+        tap_w = r.style_tap_weights or [1.0] * len(f_s)
+        l_c = content_loss(f_cs, f_c, net.content_taps)
+        l_s = sum(w * style_loss([a], [b]) for w, a, b in zip(tap_w, f_cs, f_s))
+        l_id1, l_id2 = identity_losses(icc, content, iss, style, f_cc, f_c, f_ss, f_s)
+        total = (r.weight_content * l_c + r.weight_style * l_s + r.weight_identity_pixel * l_id1
+                 + r.weight_identity_feature * l_id2)
+        return {"total": total, "content": l_c, "style": l_s, "id_pixel": l_id1, "id_feature": l_id2}
+
+    def train_step(self) -> dict[str, float]:
+        r = self.recipe
+        content = self.content.sample(r.batch_size, r.crop, r.scale_range, self.gen).to(self.device)
+        style = self.style.sample(r.batch_size, r.crop, r.scale_range, self.gen).to(self.device)
+        for group in self.opt.param_groups:
+            group["lr"] = self.lr_at(self.step)
+        losses = self.losses(content, style)
+        self.opt.zero_grad(set_to_none=True)
+        losses["total"].backward()
+        torch.nn.utils.clip_grad_norm_(self.model.parameters(), 1.0)
+        self.opt.step()
+        self.step += 1
+        return {k: float(v.detach()) for k, v in losses.items()}
+
+    # --- outputs a person looks at ------------------------------------------------------------------------
+
+    @torch.no_grad()
+    def write_samples(self):
+        self.model.eval()
+        content, style = self.val_batch
+        out = self.model(content.to(self.device), style.to(self.device), seed=0).clamp(0, 1).cpu()
+        self.model.train()
+        to_np = lambda t: (t.permute(1, 2, 0).numpy() * 255).round().astype(np.uint8)
+        rows = [[to_np(content[i]), to_np(style[i]), to_np(out[i])] for i in range(len(content))]
+        sheet = contact_sheet(rows, labels=[["content", "style", f"step {self.step}"]] * len(rows), cell=192)
+        save_png(self.out / "samples" / f"step_{self.step:06d}.png", sheet)
+        save_png(self.out / "samples" / "latest.png", sheet)
+
+    def write_loss_plot(self):
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+        if not self.history:
+            return
+        steps = [h["step"] for h in self.history]
+        fig, ax = plt.subplots(figsize=(8, 4.5))
+        for key in ("total", "content", "style", "id_pixel", "id_feature"):
+            vals = np.array([h[key] for h in self.history])
+            k = min(25, len(vals))
+            smooth = np.convolve(vals, np.ones(k) / k, mode="valid")
+            ax.plot(steps[k - 1:], smooth, label=key)
+        ax.set_yscale("log")
+        ax.set_xlabel("step")
+        ax.set_title("training losses (moving average)")
+        ax.legend()
+        fig.tight_layout()
+        tmp = self.out / "losses.tmp.png"
+        fig.savefig(tmp, dpi=100)
+        plt.close(fig)
+        os.replace(tmp, self.out / "losses.png")
+
+    # --- the loop -----------------------------------------------------------------------------------------
+
+    def run(self) -> Path:
+        r = self.recipe
+        start = time.time()
+        with tqdm(total=r.steps, initial=self.step, desc="train", unit="step", dynamic_ncols=True,
+                  disable=bool(os.environ.get("MAMBAST_QUIET"))) as bar, \
+                open(self.out / "log.jsonl", "a") as log:
+            while self.step < r.steps:
+                values = self.train_step()
+                values.update(step=self.step, lr=self.lr_at(self.step - 1), time=time.time() - start)
+                self.history.append(values)
+                log.write(json.dumps(values) + "\n")
+                log.flush()
+                bar.update(1)
+                bar.set_postfix(loss=f"{values['total']:.3g}", style=f"{values['style']:.3g}",
+                                content=f"{values['content']:.3g}")
+                if self.step % r.checkpoint_every == 0 or self.step == r.steps:
+                    self._save_checkpoint()
+                if self.step % r.sample_every == 0 or self.step == r.steps:
+                    self.write_samples()
+                    self.write_loss_plot()
+        save_model(self.model, self.out / "final", meta={"recipe": _jsonable(asdict(r)), "steps": self.step})
+        return self.out / "final"
+
+
+def _trained(name: str) -> bool:
+    """Parameters the official model never uses get no updates (they stay as loaded, for strict loading)."""
+    return not ("skip_scale2" in name or "new_ps" in name or ("encoder" in name and "in_style_proj" in name))
+
+
+def _jsonable(d):
+    return json.loads(json.dumps(d, default=list))
+
+
+def _yaml(d) -> str:
+    import yaml
+    return yaml.safe_dump(_jsonable(d), sort_keys=False)
+
+
+def _atomic_write_text(path: Path, text: str):
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# CLI
+
+
+def register(sub):
+    p = sub.add_parser("train", help="train a model variant from a recipe (configs/train/*.yaml)")
+    p.add_argument("recipe", help="training recipe YAML")
+    p.add_argument("--resume", action="store_true", help="continue the run in the recipe's out folder")
+    p.add_argument("--steps", type=int, help="override the recipe's total steps")
+    p.add_argument("--out", help="override the recipe's run folder")
+    p.add_argument("--data", help="override the recipe's data folder")
+    p.set_defaults(func=run_train)
+
+    e = sub.add_parser("export-weights", help="write a run's model as fp16 safetensors + config for shipping")
+    e.add_argument("run", help="run folder (with checkpoint.pt) or weights folder")
+    e.add_argument("-o", "--output", required=True)
+    e.add_argument("--card", help="model card markdown to copy beside the weights")
+    e.set_defaults(func=run_export)
+
+
+def run_train(args) -> int:
+    recipe = Recipe.load(args.recipe, steps=args.steps, out=args.out, data=args.data)
+    final = Trainer(recipe, resume=args.resume).run()
+    print(f"trained {recipe.steps} steps; weights in {final}, samples in {Path(recipe.out) / 'samples'}")
+    return 0
+
+
+def run_export(args) -> int:
+    run = Path(args.run)
+    if (run / "checkpoint.pt").exists():
+        from models.checkpoint import torch_load_safe
+        recipe = read_yaml(run / "recipe.yaml")
+        model = MambaST(model_config(recipe.get("model", "small")))
+        model.load_state_dict(torch_load_safe(run / "checkpoint.pt")["model"])
+        meta = {"recipe": recipe, "steps": int(torch_load_safe(run / "checkpoint.pt")["step"])}
+    else:
+        model = load_model(run)
+        meta = getattr(model, "meta", {})
+    out = save_model(model, args.output, meta=meta, half=True)
+    if args.card:
+        (out / "MODEL_CARD.md").write_text(Path(args.card).read_text())
+    size = (out / "model.safetensors").stat().st_size / 2**20
+    print(f"wrote {out}/model.safetensors ({size:.1f} MiB, fp16)")
+    return 0

@@ -1,0 +1,74 @@
+"""Mamba-ST's training losses on perceptual features (docs/mamba-st.md §3), plus the Gram matrix for evaluation.
+
+Features are the lists that `PerceptualNet.features` returns, one B×C×H×W tensor per tap, shallow to deep.
+μ and σ are per-channel spatial mean and std with σ = sqrt(var_unbiased + 1e-5); every ‖·‖² is a mean
+squared error, as in the official code (`nn.MSELoss`).
+
+    L_c   = Σ_{i ∈ content taps} ‖norm(φ_i(Ics)) − norm(φ_i(Ic))‖²
+    L_s   = Σ_i ‖μ(φ_i(Ics)) − μ(φ_i(Is))‖² + ‖σ(φ_i(Ics)) − σ(φ_i(Is))‖²
+    L_id1 = ‖Icc − Ic‖² + ‖Iss − Is‖²
+    L_id2 = Σ_i ‖φ_i(Icc) − φ_i(Ic)‖² + ‖φ_i(Iss) − φ_i(Is)‖²
+    L     = 7·L_c + 10·L_s + 70·L_id1 + 1·L_id2
+"""
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch.nn.functional as F
+from torch import Tensor
+
+STD_EPS = 1e-5
+
+
+def mean_std(feat: Tensor, eps: float = STD_EPS) -> tuple[Tensor, Tensor]:
+    """B×C×H×W -> (μ, σ), each B×C×1×1, over the spatial positions; σ uses the unbiased variance."""
+    b, c = feat.shape[:2]
+    flat = feat.reshape(b, c, -1)
+    mean = flat.mean(dim=2).view(b, c, 1, 1)
+    std = (flat.var(dim=2) + eps).sqrt().view(b, c, 1, 1)
+    return mean, std
+
+
+def normalise(feat: Tensor) -> Tensor:
+    """Instance normalisation without affine parameters, using the μ/σ of `mean_std`."""
+    mean, std = mean_std(feat)
+    return (feat - mean) / std
+
+
+def content_loss(feats_out: Sequence[Tensor], feats_content: Sequence[Tensor], layers: Sequence[int]) -> Tensor:
+    """L_c: MSE between instance-normalised features at the tap indices `layers` (e.g. `net.content_taps`)."""
+    return sum(F.mse_loss(normalise(feats_out[i]), normalise(feats_content[i])) for i in layers)
+
+
+def style_loss(feats_out: Sequence[Tensor], feats_style: Sequence[Tensor]) -> Tensor:
+    """L_s: over all taps, MSE of the channel means plus MSE of the channel stds."""
+    _check_same_taps(feats_out, feats_style)
+    total = 0
+    for out, style in zip(feats_out, feats_style):
+        (mean_o, std_o), (mean_s, std_s) = mean_std(out), mean_std(style)
+        total = total + F.mse_loss(mean_o, mean_s) + F.mse_loss(std_o, std_s)
+    return total
+
+
+def identity_losses(i_cc: Tensor, i_c: Tensor, i_ss: Tensor, i_s: Tensor,
+                    feats_cc: Sequence[Tensor], feats_c: Sequence[Tensor],
+                    feats_ss: Sequence[Tensor], feats_s: Sequence[Tensor]) -> tuple[Tensor, Tensor]:
+    """(L_id1, L_id2): Icc = model(content=Ic, style=Ic) and Iss = model(Is, Is) must give back their input,
+    in pixels (L_id1) and in the features of every tap (L_id2)."""
+    _check_same_taps(feats_cc, feats_c)
+    _check_same_taps(feats_ss, feats_s)
+    pixel = F.mse_loss(i_cc, i_c) + F.mse_loss(i_ss, i_s)
+    feature = sum(F.mse_loss(a, b) + F.mse_loss(c, d) for a, b, c, d in zip(feats_cc, feats_c, feats_ss, feats_s))
+    return pixel, feature
+
+
+def gram(feat: Tensor) -> Tensor:
+    """B×C×H×W -> B×C×C Gram matrix F·Fᵀ / (C·H·W) (Johnson et al. 2016's normalisation)."""
+    b, c, h, w = feat.shape
+    flat = feat.reshape(b, c, h * w)
+    return flat @ flat.transpose(1, 2) / (c * h * w)
+
+
+def _check_same_taps(a: Sequence[Tensor], b: Sequence[Tensor]) -> None:
+    if len(a) != len(b):
+        raise ValueError(f"feature lists differ in length ({len(a)} vs {len(b)} taps)")
