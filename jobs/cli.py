@@ -19,6 +19,7 @@ JOB_MODULES = [
     "jobs.stylize",
     "jobs.batch",
     "jobs.live",
+    "jobs.controls_sheet",
     "jobs.train",
     "jobs.data",
     "jobs.evaluate",

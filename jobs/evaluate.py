@@ -209,6 +209,8 @@ def register(subparsers) -> None:
     parser = subparsers.add_parser("eval", help="measure stylized videos (temporal consistency, ...)")
     metrics = parser.add_subparsers(dest="metric", required=True, metavar="METRIC")
     register_temporal(metrics)
+    from jobs.eval_quality import register_quality
+    register_quality(metrics)
 
 
 def register_temporal(metrics) -> None:

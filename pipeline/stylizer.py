@@ -2,12 +2,17 @@
 
     frames (RGB uint8, source size)
       │ resize to the working size (aspect kept; --working-size is the short side)
-      │ model.stylize_tokens, a batch at a time        (content encoder + MSTD readout of the cached style states)
+      │ decoder tokens, a batch at a time               (content encoder + MSTD readout of the cached style states;
+      │                                                   strength < 1: lerp with the identity pass, models/style_controls.py)
       │ TokenSmoother, frame by frame                   (temporal state smoothing at token level, pipeline/temporal.py)
-      │ model.decode_tokens, a batch at a time          (CNN decoder)
+      │ model.decode_tokens, a batch at a time          (CNN decoder; strength < 1: + the fading content residual)
       │ OutputSmoother, frame by frame                  (occlusion-aware blend with the warped previous output)
       │ guided upsampling to the source size           (when the working size is smaller: 4K stays sharp)
+      │ colour preservation (optional)                  (stylized luma, the source frame's own chroma, at full size)
     stylized frames (RGB uint8, source size)
+
+The style is one image, a `StyleBlend`, a `StyleSchedule` (a style per frame index: batches are split where the
+code changes) or a ready `StyleCode` (pipeline/styles.py).
 
 A `ClipStylizer` is sequential in time (the smoothers carry state), so it is the unit of work per chunk: a runner
 gives each chunk its own instance, starting `lead_in` frames early and discarding those outputs, which makes
@@ -25,6 +30,8 @@ import torch
 
 from models.errors import UserError
 from models.mambast import MambaST, StyleCode, pad_to_multiple
+from models.style_controls import check_strength, decoder_tokens, preserve_colors, strength_residual
+from pipeline.styles import StyleBlend, StyleCodes, StyleImage, StyleSchedule
 from pipeline.temporal import MotionEstimator, OutputSmoother, TemporalConfig, TokenSmoother
 
 
@@ -38,8 +45,11 @@ class StylizerConfig:
     token_smoothing: bool = True  # the token-level stage (the output-level stage runs whenever temporal is on)
     guide_radius: int = 4         # guided upsampling window, in working-resolution pixels
     guide_eps: float = 1e-3
+    strength: float = 1.0         # style strength: 0 = the content, 1 = full style (models/style_controls.py)
+    preserve_color: bool = False  # keep the content's colours, transfer the style's texture (luma only)
 
     def __post_init__(self):
+        check_strength(self.strength)
         if not isinstance(self.working_size, int) or self.working_size < 0:
             raise UserError(f"working_size: must be a non-negative integer (0 = source size), got {self.working_size!r}")
         if not isinstance(self.batch_size, int) or self.batch_size < 1:
@@ -102,22 +112,43 @@ class ClipStylizer:
 
     >>> stylizer = ClipStylizer(model, style_rgb, frame_shape=(272, 640), config=StylizerConfig(working_size=256))
     >>> outputs = stylizer(list_of_rgb_uint8_frames)      # as many frames out as in, same size
+
+    With a schedule, frames need their clip index: a chunk passes `start_frame`, or `indices` per call.
+
+    >>> schedule = StyleSchedule.parse("0:starry.jpg,120:wave.png")
+    >>> stylizer = ClipStylizer(model, schedule, (272, 640), config, start_frame=96)   # a chunk from frame 96
+    >>> outputs = stylizer(frames)                                   # frames 96, 97, ... of the clip
+
+    `codes` shares a style-code cache between stylizers (chunks, size changes); its seed must be the config's.
     """
 
-    def __init__(self, model: MambaST, style: np.ndarray | StyleCode, frame_shape: tuple[int, int],
-                 config: StylizerConfig | None = None):
+    def __init__(self, model: MambaST, style: np.ndarray | StyleCode | StyleImage | StyleBlend | StyleSchedule,
+                 frame_shape: tuple[int, int], config: StylizerConfig | None = None, *,
+                 codes: StyleCodes | None = None, start_frame: int = 0):
         self.model = model
         self.config = config or StylizerConfig()
         self.frame_shape = tuple(frame_shape)
         self.work_shape = working_shape(*self.frame_shape, self.config.working_size)
         self.device = next(model.parameters()).device
-        grid = model.token_grid(*self.work_shape)
+        self.grid = model.token_grid(*self.work_shape)
+        if codes is not None and codes.seed != self.config.seed:
+            raise ValueError(f"style code cache has seed {codes.seed}, the config {self.config.seed}")
+        self.codes = codes if codes is not None else StyleCodes(model, seed=self.config.seed)
+        self.schedule = style if isinstance(style, StyleSchedule) else None
         if isinstance(style, StyleCode):
-            if tuple(style.grid) != grid:
-                raise ValueError(f"style code is for token grid {style.grid}, frames need {grid}")
+            if tuple(style.grid) != self.grid:
+                raise ValueError(f"style code is for token grid {style.grid}, frames need {self.grid}")
             self.style = style
+        elif isinstance(style, np.ndarray):
+            self.style = self.codes.code(StyleImage.from_array(style, "style"), self.grid)
+        elif isinstance(style, (StyleImage, StyleBlend)):
+            self.style = self.codes.code(style, self.grid)
+        elif self.schedule is not None:
+            self.style = self.schedule.code_at(start_frame, self.codes, self.grid)
         else:
-            self.style = model.encode_style(image_to_tensor(style).to(self.device), grid, seed=self.config.seed)
+            raise TypeError(f"style: expected an RGB array, StyleImage, StyleBlend, StyleSchedule or StyleCode, "
+                            f"got {type(style).__name__}")
+        self.next_index = start_frame  # clip index of the next frame, when `__call__` is given no indices
         smooth = self.config.temporal_enabled and self.config.temporal.strength > 0
         self.motion = MotionEstimator(self.config.temporal) if smooth else None
         self.token_smoother = TokenSmoother(self.config.temporal) if smooth and self.config.token_smoothing else None
@@ -129,31 +160,60 @@ class ClipStylizer:
             if part is not None:
                 part.reset()
 
-    def __call__(self, frames: list[np.ndarray]) -> list[np.ndarray]:
-        """RGB uint8 frames of the source size, in clip order -> stylized RGB uint8 frames of the same size."""
-        out = []
-        for i in range(0, len(frames), self.config.batch_size):
-            out.extend(self._batch(frames[i:i + self.config.batch_size]))
+    def code_at(self, index: int) -> StyleCode:
+        """The style code for clip frame `index` (the same code for every frame unless the style is a schedule)."""
+        return self.style if self.schedule is None else self.schedule.code_at(index, self.codes, self.grid)
+
+    def __call__(self, frames: list[np.ndarray], indices: list[int] | None = None) -> list[np.ndarray]:
+        """RGB uint8 frames of the source size, in clip order -> stylized RGB uint8 frames of the same size.
+
+        `indices`: the frames' indices in the clip (only schedules use them); default: counting on from the
+        previous call (from `start_frame` on the first).
+        """
+        if indices is None:
+            indices = list(range(self.next_index, self.next_index + len(frames)))
+        elif len(indices) != len(frames):
+            raise ValueError(f"{len(frames)} frames but {len(indices)} indices")
+        if indices:
+            self.next_index = indices[-1] + 1
+        self._check_sizes(frames)
+        if self.config.strength == 0:
+            return [f.copy() for f in frames]  # strength 0 is the content itself
+        out, batch, code = [], [], None
+        for frame, index in zip(frames, indices):
+            frame_code = self.code_at(index)
+            if batch and (len(batch) == self.config.batch_size or frame_code is not code):
+                out.extend(self._batch(batch, code))
+                batch = []
+            batch.append(frame)
+            code = frame_code
+        if batch:
+            out.extend(self._batch(batch, code))
         return out
 
-    def _batch(self, frames: list[np.ndarray]) -> list[np.ndarray]:
+    def _check_sizes(self, frames: list[np.ndarray]) -> None:
         for f in frames:
             if f.shape[:2] != self.frame_shape:
                 raise UserError(f"frame size changed mid-clip: {f.shape[1]}x{f.shape[0]}, "
                                 f"expected {self.frame_shape[1]}x{self.frame_shape[0]}")
+
+    def _batch(self, frames: list[np.ndarray], code: StyleCode) -> list[np.ndarray]:
         h, w = self.work_shape
         small = [f if f.shape[:2] == (h, w) else cv2.resize(f, (w, h), interpolation=cv2.INTER_AREA) for f in frames]
         x = torch.cat([image_to_tensor(f) for f in small]).to(self.device)
         x_pad, _ = pad_to_multiple(x, self.model.cfg.patch_size)
         with torch.no_grad():
-            tokens = self.model.stylize_tokens(x_pad, self.style)
+            tokens, identity = decoder_tokens(self.model, x_pad, code, self.config.strength)
             motions = [self.motion.step(f) for f in small] if self.motion is not None else [None] * len(small)
             if self.token_smoother is not None:
                 grids = tokens.permute(0, 3, 1, 2)
                 smoothed = [self.token_smoother.step(f, grids[i:i + 1], motion=m)
                             for i, (f, m) in enumerate(zip(small, motions))]
                 tokens = torch.cat(smoothed).permute(0, 2, 3, 1)
-            images = self.model.decode_tokens(tokens)[..., :h, :w].clamp(0, 1)
+            images = self.model.decode_tokens(tokens)[..., :h, :w]
+            if identity is not None:
+                images = images + strength_residual(self.model, identity, x, self.config.strength)
+            images = images.clamp(0, 1)
         images = images.permute(0, 2, 3, 1).float().cpu().numpy()
         out = []
         for full, low, stylized, m in zip(frames, small, images, motions):
@@ -162,6 +222,8 @@ class ClipStylizer:
             if (h, w) != self.frame_shape:
                 stylized = guided_upsample(stylized, to_gray01(low), to_gray01(full),
                                            self.config.guide_radius, self.config.guide_eps)
+            if self.config.preserve_color:
+                stylized = preserve_colors(torch.from_numpy(np.ascontiguousarray(stylized)).permute(2, 0, 1)[None],
+                                           image_to_tensor(full))[0].permute(1, 2, 0).numpy()
             out.append(np.clip(np.rint(stylized * 255.0), 0, 255).astype(np.uint8))
         return out
-

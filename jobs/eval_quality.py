@@ -1,0 +1,196 @@
+"""`mambast eval quality`: does the model carry the style while keeping the content? Held-out pairs, baselines.
+
+For every held-out content × style pair (the `val` splits of a `mambast data build` folder), at 256×256:
+
+- style distance of an image X to the style S, on a perceptual network NOT used by the training loss
+  (EfficientNet-Lite0 by default; the bundled model trains on MobileNetV2):
+    mean/std: Σ_taps ‖μ(φ(X)) − μ(φ(S))‖² + ‖σ(φ(X)) − σ(φ(S))‖²   (per tap, normalised by the tap's value for the
+              content image, so each tap counts equally and 1.0 means "as far as the content image")
+    Gram:     Σ_taps ‖G(φ(X)) − G(φ(S))‖², normalised the same way
+- content distance to the content C: ‖norm(φ_deep(X)) − norm(φ_deep(C))‖² on the two deepest taps.
+
+Rows: the model's output; the content image itself (style-distance baseline: 1.0 by construction); a plain
+colour-statistics transfer (Reinhard et al. 2001: per-channel mean/std in Lab); and, for content distance only,
+the content blurred with a Gaussian of σ = 3 px, the bound below which the content is still recognisable.
+
+Pass criteria (issue 3): model mean/std style distance ≤ 0.5 (half the content's), model style distance below the
+colour-transfer baseline's, model content distance below the blurred content's. Writes a contact sheet
+(content | style | colour transfer | model) and prints one JSON object last.
+
+With `--inception/--alexnet/--lpips/--vgg19` weight files, the paper's metrics (FID, LPIPS, ArtFID, CFSD;
+models/paper_metrics.py) are added.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import cv2
+import numpy as np
+import torch
+
+from models.checkpoint import load_model
+from models.errors import UserError
+from models.losses import gram, mean_std, normalise
+from models.perceptual import load_perceptual
+from pipeline.images import contact_sheet, load_image, save_png
+
+SIZE = 256
+BLUR_SIGMA = 3.0
+
+
+def square(image: np.ndarray, size: int = SIZE) -> np.ndarray:
+    """Resize the short side to `size` and centre-crop a square (the paper's test transform)."""
+    h, w = image.shape[:2]
+    s = size / min(h, w)
+    image = cv2.resize(image, (max(size, round(w * s)), max(size, round(h * s))), interpolation=cv2.INTER_AREA)
+    h, w = image.shape[:2]
+    y, x = (h - size) // 2, (w - size) // 2
+    return image[y:y + size, x:x + size]
+
+
+def colour_transfer(content: np.ndarray, style: np.ndarray) -> np.ndarray:
+    """Reinhard colour transfer: match per-channel mean and std in Lab."""
+    c = cv2.cvtColor(content, cv2.COLOR_RGB2LAB).astype(np.float32)
+    s = cv2.cvtColor(style, cv2.COLOR_RGB2LAB).astype(np.float32)
+    cm, cs = c.reshape(-1, 3).mean(0), c.reshape(-1, 3).std(0) + 1e-6
+    sm, ss = s.reshape(-1, 3).mean(0), s.reshape(-1, 3).std(0)
+    out = (c - cm) / cs * ss + sm
+    return cv2.cvtColor(np.clip(out, 0, 255).astype(np.uint8), cv2.COLOR_LAB2RGB)
+
+
+def blurred(content: np.ndarray) -> np.ndarray:
+    return cv2.GaussianBlur(content, (0, 0), BLUR_SIGMA, borderType=cv2.BORDER_REFLECT)
+
+
+def to_tensor(images: list[np.ndarray]) -> torch.Tensor:
+    return torch.from_numpy(np.stack(images)).permute(0, 3, 1, 2).float() / 255.0
+
+
+class Distances:
+    """Style and content distances on one perceptual network."""
+
+    def __init__(self, net):
+        self.net = net
+
+    @torch.no_grad()
+    def per_tap(self, x: torch.Tensor, style: torch.Tensor, content: torch.Tensor) -> dict[str, torch.Tensor]:
+        fx, fs, fc = self.net.features(x), self.net.features(style), self.net.features(content)
+        meanstd, grams = [], []
+        for a, s in zip(fx, fs):
+            (ma, sa), (ms, ss) = mean_std(a), mean_std(s)
+            meanstd.append(((ma - ms) ** 2).mean(dim=(1, 2, 3)) + ((sa - ss) ** 2).mean(dim=(1, 2, 3)))
+            grams.append(((gram(a) - gram(s)) ** 2).mean(dim=(1, 2)))
+        content_d = sum(((normalise(fx[i]) - normalise(fc[i])) ** 2).mean(dim=(1, 2, 3)) for i in self.net.content_taps)
+        return {"meanstd": torch.stack(meanstd, 1), "gram": torch.stack(grams, 1), "content": content_d}
+
+
+def held_out_pairs(data: Path, max_contents: int, max_styles: int) -> tuple[list[Path], list[Path]]:
+    from jobs.train import image_files
+    contents = image_files(data / "content" / "val")[:max_contents]
+    styles = image_files(data / "style" / "val")[:max_styles]
+    if not contents or not styles:
+        raise UserError(f"{data}: no held-out content/val or style/val images "
+                        f"(build them with `mambast data build {data}`)")
+    return contents, styles
+
+
+def evaluate_quality(model, contents: list[np.ndarray], styles: list[np.ndarray], net_name: str, seed: int = 0):
+    """Per-pair distances for each method; returns (rows, sample images for the sheet)."""
+    dist = Distances(load_perceptual(net_name))
+    grid = model.token_grid(SIZE, SIZE)
+    device = next(model.parameters()).device
+    c_t = to_tensor(contents)
+    rows, sheet = [], []
+    for si, style in enumerate(styles):
+        s_t = to_tensor([style])
+        code = model.encode_style(s_t.to(device), grid, seed=seed)
+        out = model.stylize(c_t.to(device), code).clamp(0, 1).cpu()
+        out_u8 = [(o.permute(1, 2, 0).numpy() * 255).round().astype(np.uint8) for o in out]
+        methods = {
+            "model": to_tensor(out_u8),
+            "content": c_t,
+            "colour_transfer": to_tensor([colour_transfer(c, style) for c in contents]),
+            "blur_sigma3": to_tensor([blurred(c) for c in contents]),
+        }
+        style_b = s_t.expand(len(contents), -1, -1, -1)
+        base = dist.per_tap(c_t, style_b, c_t)  # the content image's own distance per tap: the normaliser
+        for name, x in methods.items():
+            d = dist.per_tap(x, style_b, c_t)
+            for ci in range(len(contents)):
+                rows.append({"method": name, "style": si, "content": ci,
+                             "style_meanstd": float((d["meanstd"][ci] / base["meanstd"][ci].clamp_min(1e-12)).mean()),
+                             "style_gram": float((d["gram"][ci] / base["gram"][ci].clamp_min(1e-12)).mean()),
+                             "content_distance": float(d["content"][ci])})
+        for ci in range(min(2, len(contents))):
+            sheet.append((contents[ci], style, methods["colour_transfer"][ci], out_u8[ci]))
+    return rows, sheet
+
+
+def summarise(rows: list[dict]) -> dict:
+    summary = {}
+    for method in dict.fromkeys(r["method"] for r in rows):
+        mine = [r for r in rows if r["method"] == method]
+        summary[method] = {k: round(float(np.mean([r[k] for r in mine])), 4)
+                           for k in ("style_meanstd", "style_gram", "content_distance")}
+    m, ct, blur = summary["model"], summary["colour_transfer"], summary["blur_sigma3"]
+    summary["checks"] = {
+        "style_halved": m["style_meanstd"] <= 0.5,
+        "beats_colour_transfer": m["style_meanstd"] < ct["style_meanstd"] and m["style_gram"] < ct["style_gram"],
+        "content_kept": m["content_distance"] < blur["content_distance"],
+    }
+    return summary
+
+
+def register_quality(metrics) -> None:
+    p = metrics.add_parser("quality", help="style/content distances on held-out pairs, with baselines and a sheet")
+    p.add_argument("--weights", help="model weights folder (default: the bundled weights)")
+    p.add_argument("--data", default="data/train", help="folder from `mambast data build` (its val splits)")
+    p.add_argument("--net", default="efficientnet_lite0", help="perceptual network for the distances")
+    p.add_argument("--max-contents", type=int, default=16)
+    p.add_argument("--max-styles", type=int, default=8)
+    p.add_argument("--sheet", default="out/quality_sheet.png", help="contact sheet PNG")
+    p.add_argument("--seed", type=int, default=0)
+    for name in ("inception", "alexnet", "lpips", "vgg19"):
+        p.add_argument(f"--{name}", help=f"{name} weights for the paper's metrics (optional)")
+    p.add_argument("--json", action="store_true", help="(the JSON line is always printed last)")
+    p.set_defaults(func=run_quality)
+
+
+def run_quality(args) -> int:
+    torch.manual_seed(args.seed)
+    model = load_model(args.weights)
+    content_paths, style_paths = held_out_pairs(Path(args.data), args.max_contents, args.max_styles)
+    contents = [square(load_image(p)) for p in content_paths]
+    styles = [square(load_image(p)) for p in style_paths]
+    rows, sheet = evaluate_quality(model, contents, styles, args.net, seed=args.seed)
+    summary = summarise(rows)
+    summary.update(pairs=len(contents) * len(styles), size=SIZE, net=args.net, weights=args.weights or "bundled")
+    if any(getattr(args, n) for n in ("inception", "alexnet", "lpips", "vgg19")):
+        summary["paper_metrics"] = _paper_metrics(args, model, contents, styles)
+    Path(args.sheet).parent.mkdir(parents=True, exist_ok=True)
+    to_u8 = lambda x: x if isinstance(x, np.ndarray) else (x.permute(1, 2, 0).numpy() * 255).round().astype(np.uint8)
+    save_png(args.sheet, contact_sheet([[to_u8(x) for x in row] for row in sheet],
+                                       labels=[["content", "style", "colour transfer", "Mamba-ST"]] * len(sheet)))
+    for method in ("model", "content", "colour_transfer", "blur_sigma3"):
+        s = summary[method]
+        print(f"  {method:16s} style mean/std {s['style_meanstd']:.3f}  gram {s['style_gram']:.3f}  "
+              f"content {s['content_distance']:.3f}")
+    print("  checks: " + ", ".join(f"{k} {'PASS' if v else 'FAIL'}" for k, v in summary["checks"].items()))
+    print(f"  sheet: {args.sheet}")
+    print(json.dumps(summary))
+    return 0
+
+
+def _paper_metrics(args, model, contents, styles) -> dict:
+    from models.paper_metrics import load_paper_metric_nets, paper_metrics
+    nets = load_paper_metric_nets(inception=args.inception, alexnet=args.alexnet, lpips_lin=args.lpips,
+                                  vgg19=args.vgg19)
+    grid = model.token_grid(SIZE, SIZE)
+    outs, cs, ss = [], [], []
+    for style in styles:
+        code = model.encode_style(to_tensor([style]), grid, seed=args.seed)
+        outs.append(model.stylize(to_tensor(contents), code).clamp(0, 1))
+        cs.append(to_tensor(contents))
+        ss.append(to_tensor([style]).expand(len(contents), -1, -1, -1))
+    return paper_metrics(torch.cat(cs), torch.cat(ss), torch.cat(outs), nets)
