@@ -20,7 +20,6 @@ from __future__ import annotations
 import json
 import multiprocessing as mp
 import platform
-import resource
 import time
 
 import torch
@@ -29,7 +28,8 @@ PATHS = ("cached", "ref_scan", "no_cache")
 
 
 def _peak_rss_mb() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
+    from jobs.bench import _own_peak_rss_mb  # VmHWM: ru_maxrss would carry the parent's peak over exec
+    return _own_peak_rss_mb()
 
 
 def _build_model(config: str, weights: str | None, **overrides):

@@ -1,0 +1,141 @@
+"""`mambast stylize INPUT --style IMAGE -o OUTPUT`: stylize a video (or an image sequence) with one style.
+
+Settings: the built-in defaults (shown with each flag), overridden by a preset (`--preset NAME` for
+configs/presets/NAME.yaml, or a YAML path; an unknown key is an error), overridden by the flags given. The final
+settings are stored in the output's metadata.
+
+Runners: `local` stylizes in this process; `ray` spreads chunks of the clip over Ray actors (a local cluster bound
+to loopback, or `--address`); `auto` (the default) takes `local` when the selected frames fit in one chunk and no
+`--address` is given, `ray` otherwise. Both give the same frames.
+
+`--preview N` stylizes N frames spread evenly over the selection (each on its own, without temporal smoothing)
+and writes a contact sheet, source | stylized, to OUTPUT, which must then be a .png.
+"""
+from __future__ import annotations
+
+import argparse
+from dataclasses import fields
+from pathlib import Path
+
+from models.checkpoint import read_yaml
+from models.errors import UserError
+from pipeline.runner import DECODE_BACKEND, DEFAULT_CHUNK_FRAMES, StylizeJob, run_local, run_preview
+from pipeline.source import open_source
+
+PRESET_DIR = Path(__file__).resolve().parent.parent / "configs" / "presets"
+RUNNERS = ("auto", "local", "ray")
+NOT_PRESETS = ("input", "style", "output", "weights", "overwrite", "start", "end", "every_nth", "max_frames")
+DEFAULTS = {f.name: f.default for f in fields(StylizeJob) if f.name not in NOT_PRESETS} | {"runner": "auto"}
+
+
+def register(sub) -> None:
+    p = sub.add_parser("stylize", help="stylize a video with a style image",
+                       description=__doc__.split("\n\n", 1)[1], formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("input", metavar="INPUT", help="video file, image folder, or a pattern like frames/%%06d.png")
+    p.add_argument("--style", required=True, metavar="IMAGE", help="the style image")
+    p.add_argument("-o", "--output", required=True, metavar="OUTPUT",
+                   help=".mp4/.mov/.mkv, a folder or frames/%%06d.png for PNG frames; .png with --preview")
+    p.add_argument("--weights", help="checkpoint folder or .safetensors file (default: the bundled weights)")
+    p.add_argument("--preset", help=f"settings preset: a name in configs/presets ({', '.join(preset_names())}) "
+                                    f"or a YAML file")
+    frames = p.add_argument_group("frames")
+    frames.add_argument("--start", type=int, default=0, help="first frame (0-based)")
+    frames.add_argument("--end", type=int, help="stop before this frame")
+    frames.add_argument("--every-nth", type=int, default=1, help="take every n-th frame; each is shown n frames long")
+    frames.add_argument("--max-frames", type=int, help="at most this many frames")
+    frames.add_argument("--preview", type=int, metavar="N", help="write a contact sheet of N frames instead")
+    look = p.add_argument_group("stylization (defaults: the preset, else the values shown)")
+    look.add_argument("--working-size", type=int, help=f"short side the model runs at, 0 = source size "
+                                                       f"({DEFAULTS['working_size']})")
+    look.add_argument("--strength", "--temporal-strength", dest="temporal_strength", type=float, metavar="S",
+                      help=f"temporal smoothing 0..1, 0 turns it off ({DEFAULTS['temporal_strength']})")
+    look.add_argument("--seed", type=int, help=f"style token permutation seed ({DEFAULTS['seed']})")
+    look.add_argument("--batch-size", type=int, help=f"frames per model call ({DEFAULTS['batch_size']})")
+    look.add_argument("--device", help="auto, cpu or cuda (auto)")
+    out = p.add_argument_group("output (defaults: the preset, else the values shown)")
+    out.add_argument("--codec", help="h264, hevc, prores, ffv1; png or exr for frames (from the extension)")
+    out.add_argument("--crf", type=int, help=f"quality for h264/hevc, lower is better ({DEFAULTS['crf']})")
+    out.add_argument("--pix-fmt", help="e.g. yuv420p, yuv444p10le (chosen to fit the size, alpha and bit depth)")
+    out.add_argument("--no-audio", dest="audio", action="store_const", const=False, help="leave the audio out")
+    out.add_argument("--overwrite", action="store_true", help="replace OUTPUT if it exists (never the input)")
+    run = p.add_argument_group("runner")
+    run.add_argument("--runner", choices=RUNNERS, help="auto: local for clips of one chunk, else ray (auto)")
+    run.add_argument("--address", help="join the Ray cluster at this address (implies --runner ray)")
+    run.add_argument("--chunk-frames", type=int, help=f"frames per Ray chunk ({DEFAULT_CHUNK_FRAMES})")
+    p.set_defaults(func=run_stylize)
+
+
+def run_stylize(args) -> int:
+    settings = resolve_settings(args)
+    runner = settings.pop("runner")
+    job = StylizeJob(input=args.input, style=args.style, output=args.output, weights=args.weights,
+                     start=args.start, end=args.end, every_nth=args.every_nth, max_frames=args.max_frames,
+                     overwrite=args.overwrite, **settings)
+    if args.preview is not None:
+        summary = run_preview(job, args.preview)
+    elif choose_runner(job, runner, args.address) == "ray":
+        from pipeline.ray_runner import run_ray  # imports Ray, which only this path needs
+
+        summary = run_ray(job, address=args.address)
+    else:
+        summary = run_local(job)
+    print(summary.line())
+    return 0
+
+
+def resolve_settings(args) -> dict:
+    """Defaults, then the preset, then the flags given."""
+    settings = dict(DEFAULTS)
+    if args.preset:
+        settings.update(read_preset(args.preset))
+    settings.update({key: getattr(args, key) for key in DEFAULTS if getattr(args, key, None) is not None})
+    if settings["runner"] not in RUNNERS:
+        raise UserError(f"runner: must be one of {', '.join(RUNNERS)}, got {settings['runner']!r}")
+    return settings
+
+
+def read_preset(name_or_path: str) -> dict:
+    path = Path(name_or_path)
+    if not path.suffix and not path.exists():
+        path = PRESET_DIR / f"{name_or_path}.yaml"
+        if not path.is_file():
+            raise UserError(f"preset {name_or_path!r}: no such preset (have: {', '.join(preset_names())})")
+    preset = read_yaml(path)
+    for key, value in preset.items():
+        if key not in DEFAULTS:
+            raise UserError(f"{path}: unknown key {key!r} (known: {', '.join(DEFAULTS)})")
+        if not _same_kind(value, DEFAULTS[key]):
+            raise UserError(f"{path}: {key} must be {_kind(DEFAULTS[key])}, got {value!r}")
+    return preset
+
+
+def preset_names() -> list[str]:
+    return sorted(p.stem for p in PRESET_DIR.glob("*.yaml"))
+
+
+def _same_kind(value, default) -> bool:
+    if default is None:
+        return value is None or isinstance(value, str)
+    if isinstance(default, bool) or isinstance(value, bool):
+        return isinstance(value, bool) and isinstance(default, bool)
+    if isinstance(default, float):
+        return isinstance(value, (int, float))
+    return isinstance(value, type(default))
+
+
+def _kind(default) -> str:
+    if default is None:
+        return "a string or null"
+    return {bool: "true or false", int: "an integer", float: "a number", str: "a string"}[type(default)]
+
+
+def choose_runner(job: StylizeJob, runner: str, address: str | None) -> str:
+    if runner != "auto":
+        if address and runner == "local":
+            raise UserError("--address joins a Ray cluster; it does not go with --runner local")
+        return runner
+    if address:
+        return "ray"
+    selected = open_source(job.input, backend=DECODE_BACKEND).select(job.start, job.end, job.every_nth,
+                                                                      job.max_frames)
+    return "local" if len(selected) <= (job.chunk_frames or DEFAULT_CHUNK_FRAMES) else "ray"
