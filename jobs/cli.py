@@ -56,7 +56,8 @@ def main(argv: list[str] | None = None) -> int:
     except Exception as e:  # an unexpected failure: one line unless debugging
         if os.environ.get("MAMBAST_DEBUG"):
             raise
-        print(f"mambast: error: {type(e).__name__}: {e} (set MAMBAST_DEBUG=1 for a traceback)", file=sys.stderr)
+        detail = " ".join(str(e).split())  # one line, whatever the library put in its message
+        print(f"mambast: error: {type(e).__name__}: {detail} (set MAMBAST_DEBUG=1 for a traceback)", file=sys.stderr)
         return 1
 
 

@@ -132,6 +132,7 @@ def save_model(model: MambaST, path: str | os.PathLike, meta: dict | None = None
         os.close(fd)
         try:
             write(tmp)
+            os.chmod(tmp, 0o644)  # mkstemp makes 0600; weights are meant to be shared
             os.replace(tmp, path / name)
         finally:
             if os.path.exists(tmp):

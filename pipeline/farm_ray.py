@@ -283,7 +283,8 @@ class Farm:
             if span.index not in written:
                 state.todo.append(ChunkTask(item.number, item.clip, item.style.spec, item.settings, span,
                                             manifest.chunk_path(span.index)))
-        if not state.todo:
+        if not state.todo:  # every chunk was written by an earlier run: only the join is left
+            self.open.remove(state)
             self._join(state)
 
     def _submit_chunks(self) -> None:

@@ -146,7 +146,9 @@ class MotionEstimator:
         hsv = thumbnail_hsv(content_rgb)
         prev, self._prev = self._prev, (content_rgb.shape, hsv, gray)
 
-        if prev is None or prev[0] != content_rgb.shape or content_score(prev[1], hsv) > self.config.shot_threshold:
+        too_small = min(gray.shape) < 12  # DIS needs 12 px; such tiny frames get no motion compensation
+        if (prev is None or too_small or prev[0] != content_rgb.shape
+                or content_score(prev[1], hsv) > self.config.shot_threshold):
             return FrameMotion(shot_start=True)
         prev_gray = prev[2]
         flow = estimate_flow(gray, prev_gray, self.config.flow_preset)   # current -> previous

@@ -447,6 +447,19 @@ def test_no_worker_able_to_start_fails_the_items_instead_of_hanging(tmp_path, as
     assert reports[0].error.startswith("no stylizer worker could start within 2 s: each needs {'num_cpus': 64}")
 
 
+def test_resume_after_every_chunk_was_written_only_joins(tmp_path, assets, cluster):
+    from pipeline.farm_ray import run_job
+
+    path = write_job(tmp_path, assets)
+    job = load_job(path)
+    render_chunks_locally(job, job.items[0])  # item 0: killed after its last chunk, before its join
+    reports = run_job(load_job(path), resume=True, progress=False)
+    assert [r.status for r in reports] == ["done", "done"]
+    assert (reports[0].resumed_chunks, reports[1].resumed_chunks) == (reports[0].chunks, 0) == (6, 0)
+    for item in job.items:
+        assert_exact_output(item, tmp_path)
+
+
 def run_batch_cli(*args, fault=""):
     env = {**os.environ, "MAMBAST_QUIET": "1", "MAMBAST_FARM_FAULT": fault}
     return subprocess.Popen([sys.executable, "-m", "jobs.cli", "batch", *args], cwd=REPO, env=env,
