@@ -204,7 +204,12 @@ class ClipStylizer:
         h, w = self.work_shape
         small = [f if f.shape[:2] == (h, w) else cv2.resize(f, (w, h), interpolation=cv2.INTER_AREA) for f in frames]
         x = torch.cat([image_to_tensor(f) for f in small]).to(self.device)
-        x_pad, _ = pad_to_multiple(x, self.model.cfg.patch_size)
+        # Every model call sees a full batch (short batches padded with the last frame, outputs dropped): CPU
+        # kernels round differently for different batch sizes (~1e-6), and chunk boundaries or schedule keyframes
+        # must not change a frame's bits.
+        n, missing = len(small), self.config.batch_size - len(small)
+        x_full = torch.cat([x, x[-1:].expand(missing, -1, -1, -1)]) if missing > 0 else x
+        x_pad, _ = pad_to_multiple(x_full, self.model.cfg.patch_size)
         with torch.no_grad():
             tokens, identity = decoder_tokens(self.model, x_pad, code, self.config.strength)
             motions = [self.motion.step(f) for f in small] if self.motion is not None else [None] * len(small)
@@ -212,11 +217,11 @@ class ClipStylizer:
                 grids = tokens.permute(0, 3, 1, 2)
                 smoothed = [self.token_smoother.step(f, grids[i:i + 1], motion=m)
                             for i, (f, m) in enumerate(zip(small, motions))]
-                tokens = torch.cat(smoothed).permute(0, 2, 3, 1)
+                tokens = torch.cat(smoothed + [grids[n:]]).permute(0, 2, 3, 1)
             images = self.model.decode_tokens(tokens)[..., :h, :w]
             if identity is not None:
-                images = images + strength_residual(self.model, identity, x, self.config.strength)
-            images = images.clamp(0, 1)
+                images = images + strength_residual(self.model, identity, x_full, self.config.strength)
+            images = images[:n].clamp(0, 1)
         images = images.permute(0, 2, 3, 1).float().cpu().numpy()
         out = []
         for full, low, stylized, m in zip(frames, small, images, motions):
