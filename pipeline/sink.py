@@ -23,7 +23,7 @@ import cv2
 import numpy as np
 
 from models.errors import UserError
-from pipeline.source import alpha_plane
+from pipeline.source import alpha_plane, parse_fps
 
 VIDEO_EXTENSIONS = (".mp4", ".m4v", ".mov", ".mkv")
 SEQUENCE_FORMATS = ("png", "exr")
@@ -134,13 +134,7 @@ class FrameSink:
 
 
 def _frame_rate(path: str, fps) -> Fraction:
-    try:
-        rate = Fraction(fps)
-    except (ValueError, ZeroDivisionError):
-        rate = Fraction(0)
-    if rate <= 0:
-        raise UserError(f"{path}: fps must be a positive number like 24 or 30000/1001 (got {fps!r})")
-    return rate
+    return parse_fps(path, fps)
 
 
 def _classify_output(path: str, codec: str | None) -> tuple[str, str, str, str | None]:

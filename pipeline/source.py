@@ -561,6 +561,11 @@ def _to_uint8(array: np.ndarray, path: str) -> np.ndarray:
 def _sequence_fps(path: str, fps: Fraction | int | str | None) -> Fraction:
     if fps is None:
         return DEFAULT_SEQUENCE_FPS
+    return parse_fps(path, fps)
+
+
+def parse_fps(path: str, fps: Fraction | int | float | str) -> Fraction:
+    """An exact frame rate from 24, '30000/1001', Fraction(...); anything else is a UserError naming `path`."""
     try:
         rate = Fraction(fps)
     except (ValueError, ZeroDivisionError):
