@@ -15,15 +15,6 @@ from models.paper_metrics import (AlexNetLPIPS, InceptionV3, PaperMetricNets, VG
                                   paper_metrics)
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """With the second core busy (training), two OpenMP threads make these forwards 30-60× slower."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def randomise(net: nn.Module, seed: int) -> nn.Module:
     """Random weights that keep activations O(1) through the depth, and random BatchNorm statistics (so a load
     that dropped them would show)."""

@@ -22,18 +22,10 @@ from models.mambast import MambaST, MambaSTConfig
 from pipeline.runner import (Chunk, ChunkStylizer, StylizeJob, check_job, plan_chunks, run_local, run_preview,
                              spread)
 from pipeline.source import open_source
+from tests.media import AUDIO_RATE, make_audio_only, make_text, make_zero_frames, write_sine
 
-AUDIO_RATE = 48000
 BT709_TV = dict(color_range=1, colorspace=1, color_primaries=1, color_trc=1)
 TINY = dict(d_model=32, d_state=4, decoder_channels=[16, 8, 8], n_encoder_layers=1, n_decoder_layers=1)
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 # --- A tiny model and real media ---------------------------------------------------------------------
@@ -113,19 +105,6 @@ def write_clip(path, count=12, size=(64, 48), codec="libx264", pix_fmt="yuv420p"
             end = (pts[-1] + (pts[-1] - pts[-2] if len(pts) > 1 else 1)) * time_base
             write_sine(container, sound, float(end))
     return images
-
-
-def write_sine(container, stream, seconds):
-    t = np.arange(round(seconds * AUDIO_RATE)) / AUDIO_RATE
-    wave = (np.stack([np.sin(2 * np.pi * 440 * t), np.sin(2 * np.pi * 660 * t)]) * 0.3).astype(np.float32)
-    for start in range(0, wave.shape[1], 1024):
-        frame = av.AudioFrame.from_ndarray(np.ascontiguousarray(wave[:, start:start + 1024]), format="fltp",
-                                           layout="stereo")
-        frame.sample_rate, frame.pts = AUDIO_RATE, start
-        for packet in stream.encode(frame):
-            container.mux(packet)
-    for packet in stream.encode():
-        container.mux(packet)
 
 
 def decode(path):
@@ -345,27 +324,6 @@ def test_encode_error_mid_run_aborts_the_output(tmp_path, weights, style):
     with pytest.raises(UserError, match="cannot hold 63x47"):
         run_local(job(clip, style, tmp_path / "out.mp4", weights, pix_fmt="yuv420p"), progress=False)
     assert sorted(os.listdir(tmp_path)) == before and no_pipeline_threads()
-
-
-def make_text(folder):
-    (folder / "notes.mp4").write_text("not a video")
-    return folder / "notes.mp4"
-
-
-def make_zero_frames(folder):
-    with av.open(str(folder / "empty.avi"), "w") as container:
-        stream = container.add_stream("mpeg4", rate=25)
-        stream.width, stream.height, stream.pix_fmt = 64, 48, "yuv420p"
-        container.start_encoding()
-    return folder / "empty.avi"
-
-
-def make_audio_only(folder):
-    with av.open(str(folder / "voice.m4a"), "w") as container:
-        stream = container.add_stream("aac", rate=AUDIO_RATE)
-        stream.layout = "stereo"
-        write_sine(container, stream, 0.2)
-    return folder / "voice.m4a"
 
 
 def make_truncated(folder):

@@ -11,7 +11,7 @@ from jobs.cli import main
 from models.errors import UserError
 from pipeline.ray_runner import run_ray, start_ray, stop_ray
 from pipeline.runner import run_local
-from test_pipeline import (audio_span, comment, corrupt_ffv1, decode, job, one_thread, probe, style,  # noqa: F401
+from test_pipeline import (audio_span, comment, corrupt_ffv1, decode, job, probe, style,  # noqa: F401
                            weights, write_clip)
 
 LOOPBACK = {"127.0.0.1", "::ffff:127.0.0.1", "::1"}

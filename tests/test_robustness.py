@@ -34,14 +34,6 @@ REPO = Path(__file__).resolve().parent.parent
 PWN = "!!python/object/apply:os.system ['touch {}']"
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 # --- fixtures ------------------------------------------------------------------------------------------
 
 
