@@ -30,6 +30,7 @@ from models.perceptual import load_perceptual
 from pipeline.images import load_image
 from pipeline.source import open_source
 from pipeline.stylizer import ClipStylizer, StylizerConfig
+from pipeline.temporal import TemporalConfig
 
 
 def _clips(names: list[str]) -> list[tuple[str, str]]:
@@ -67,10 +68,8 @@ def bench_clip(model, name: str, path: str, style: np.ndarray, frames: int, work
     shape = inputs[0].shape[:2]
     runs, times = {}, {}
     for label, enabled in (("per_frame", False), ("smoothed", True)):
-        config = StylizerConfig(working_size=working_size, temporal_enabled=enabled, seed=0)
-        if enabled:
-            from pipeline.temporal import TemporalConfig
-            config = StylizerConfig(working_size=working_size, seed=0, temporal=TemporalConfig(strength=strength))
+        config = StylizerConfig(working_size=working_size, seed=0, temporal_enabled=enabled,
+                                temporal=TemporalConfig(strength=strength))
         stylizer = ClipStylizer(model, style, shape, config)
         t = time.perf_counter()
         runs[label] = stylizer(inputs)
@@ -112,7 +111,6 @@ def register_temporal_bench(bench_sub) -> None:
 
 def _run(args) -> int:
     from jobs.assets import starry_night
-    from pipeline.temporal import TemporalConfig
     model = load_model(args.weights)
     style = load_image(args.style or starry_night())
     strength = TemporalConfig().strength if args.strength is None else args.strength

@@ -74,8 +74,13 @@ class Distances:
         self.net = net
 
     @torch.no_grad()
-    def per_tap(self, x: torch.Tensor, style: torch.Tensor, content: torch.Tensor) -> dict[str, torch.Tensor]:
-        fx, fs, fc = self.net.features(x), self.net.features(style), self.net.features(content)
+    def features(self, x: torch.Tensor) -> list[torch.Tensor]:
+        return self.net.features(x)
+
+    @torch.no_grad()
+    def per_tap(self, x: torch.Tensor, fs: list[torch.Tensor], fc: list[torch.Tensor]) -> dict[str, torch.Tensor]:
+        """Distances of images x to the style and content whose features are fs and fc."""
+        fx = self.net.features(x)
         meanstd, grams = [], []
         for a, s in zip(fx, fs):
             (ma, sa), (ms, ss) = mean_std(a), mean_std(s)
@@ -101,6 +106,7 @@ def evaluate_quality(model, contents: list[np.ndarray], styles: list[np.ndarray]
     grid = model.token_grid(SIZE, SIZE)
     device = next(model.parameters()).device
     c_t = to_tensor(contents)
+    fc = dist.features(c_t)
     rows, sheet = [], []
     for si, style in enumerate(styles):
         s_t = to_tensor([style])
@@ -113,10 +119,10 @@ def evaluate_quality(model, contents: list[np.ndarray], styles: list[np.ndarray]
             "colour_transfer": to_tensor([colour_transfer(c, style) for c in contents]),
             "blur_sigma3": to_tensor([blurred(c) for c in contents]),
         }
-        style_b = s_t.expand(len(contents), -1, -1, -1)
-        base = dist.per_tap(c_t, style_b, c_t)  # the content image's own distance per tap: the normaliser
+        fs = dist.features(s_t.expand(len(contents), -1, -1, -1))
+        base = dist.per_tap(c_t, fs, fc)  # the content image's own distance per tap: the normaliser
         for name, x in methods.items():
-            d = dist.per_tap(x, style_b, c_t)
+            d = dist.per_tap(x, fs, fc)
             for ci in range(len(contents)):
                 rows.append({"method": name, "style": si, "content": ci,
                              "style_meanstd": float((d["meanstd"][ci] / base["meanstd"][ci].clamp_min(1e-12)).mean()),

@@ -25,7 +25,7 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from models.checkpoint import load_model, model_config, read_yaml, save_model
+from models.checkpoint import load_model, model_config, read_yaml, save_model, torch_load_safe
 from models.errors import UserError
 from models.losses import content_loss, identity_losses, style_loss
 from models.mambast import MambaST, init_weights, style_permutations
@@ -197,7 +197,6 @@ class Trainer:
         os.replace(tmp, self.out / "checkpoint.pt")
 
     def _load_checkpoint(self, path: Path):
-        from models.checkpoint import torch_load_safe
         state = torch_load_safe(path)
         self.model.load_state_dict(state["model"])
         self.opt.load_state_dict(state["opt"])
@@ -362,11 +361,11 @@ def run_train(args) -> int:
 def run_export(args) -> int:
     run = Path(args.run)
     if (run / "checkpoint.pt").exists():
-        from models.checkpoint import torch_load_safe
         recipe = read_yaml(run / "recipe.yaml")
+        state = torch_load_safe(run / "checkpoint.pt")
         model = MambaST(model_config(recipe.get("model", "small")))
-        model.load_state_dict(torch_load_safe(run / "checkpoint.pt")["model"])
-        meta = {"recipe": recipe, "steps": int(torch_load_safe(run / "checkpoint.pt")["step"])}
+        model.load_state_dict(state["model"])
+        meta = {"recipe": recipe, "steps": int(state["step"])}
     else:
         model = load_model(run)
         meta = getattr(model, "meta", {})

@@ -205,9 +205,8 @@ class SS2D(nn.Module):
         if code.states is not None:
             y = read_out_states(code.states, Cs, skip=code.skip)
         else:
-            n = B
-            y = selective_scan(code.u.expand(n, -1, -1), code.delta.expand(n, -1, -1),
-                               -torch.exp(self.A_logs.float()), code.B.expand(n, -1, -1, -1), Cs,
+            y = selective_scan(code.u.expand(B, -1, -1), code.delta.expand(B, -1, -1),
+                               -torch.exp(self.A_logs.float()), code.B.expand(B, -1, -1, -1), Cs,
                                backend=self.cfg.scan_backend) + code.skip
         return self._finish(y.to(u.dtype), z, h, w)
 
