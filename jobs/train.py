@@ -57,6 +57,7 @@ class Recipe:
     perceptual_smooth: bool = False
     perceptual_temperature: float = 1.0
     init: str = "mamba"                  # 'mamba' or 'official' (xavier everywhere, as the paper's code)
+    init_from: str | None = None         # weights folder (e.g. an earlier run's final/) to start from instead
     seed: int = 777
     threads: int = 0                     # torch CPU threads; 0 = torch's default
     sample_every: int = 100
@@ -154,6 +155,8 @@ class Trainer:
         torch.manual_seed(r.seed)  # DropPath draws from the global RNG
         self.model = MambaST(model_config(r.model)).to(self.device)
         init_weights(self.model, r.init, seed=r.seed)
+        if r.init_from:
+            self._start_from(Path(r.init_from))
         self.model.train()
         self.net = load_perceptual(r.perceptual, r.perceptual_weights, smooth=r.perceptual_smooth,
                                    temperature=r.perceptual_temperature).to(self.device)
@@ -187,6 +190,14 @@ class Trainer:
         g = torch.Generator().manual_seed(self.recipe.seed + 1)
         n = self.recipe.val_pairs
         self.val_batch = (self.val_content.sample(n, 192, (1.0, 1.0), g), self.val_style.sample(n, 192, (1.0, 1.0), g))
+
+    def _start_from(self, weights: Path):
+        start = load_model(weights)
+        try:
+            self.model.load_state_dict(start.state_dict())
+        except RuntimeError as e:
+            first = str(e).strip().splitlines()[-1].strip()
+            raise UserError(f"{weights}: does not fit model '{self.recipe.model}': {first}") from None
 
     def _save_checkpoint(self):
         state = {"model": self.model.state_dict(), "opt": self.opt.state_dict(), "step": self.step,

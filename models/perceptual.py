@@ -42,13 +42,18 @@ class PerceptualNet(nn.Module):
     """A frozen CNN returning activations at named taps (see the module docstring).
 
     Subclasses set `backbone` (exactly the modules of the published weight file), `taps` (names, shallow to
-    deep), `content_taps` (indices into `taps` used by the content loss, the counterparts of VGG relu4_1 and
-    relu5_1) and implement `_normalise_input` and `_tapped`.
+    deep), `tap_strides` (each tap's downsampling factor) and implement `_normalise_input` and `_tapped`.
+    The content loss reads the taps at /8 and /16: the strides of VGG's relu4_1 and relu5_1 in the paper.
     """
 
+    CONTENT_STRIDES = (8, 16)
     taps: list[str]
-    content_taps: tuple[int, ...]
+    tap_strides: list[int]
     backbone: nn.Module
+
+    @property
+    def content_taps(self) -> tuple[int, ...]:
+        return tuple(i for i, s in enumerate(self.tap_strides) if s in self.CONTENT_STRIDES)
 
     def __init__(self, smooth: bool = False, temperature: float = 1.0):
         super().__init__()
@@ -196,7 +201,7 @@ class MobileNetV2(PerceptualNet):
         super().__init__(smooth, temperature)
         self.backbone = _MobileNetV2Backbone()
         self.taps = ["stem"] + [f"expand{i}" for i in self.EXPANDED_TAPS] + ["head"]
-        self.content_taps = (3, 4)
+        self.tap_strides = [2, 4, 8, 16, 32]
         self.register_buffer("mean", torch.tensor(_IMAGENET_MEAN).view(1, 3, 1, 1), persistent=False)
         self.register_buffer("std", torch.tensor(_IMAGENET_STD).view(1, 3, 1, 1), persistent=False)
 
@@ -301,7 +306,7 @@ class EfficientNetLite0(PerceptualNet):
         super().__init__(smooth, temperature)
         self.backbone = _EfficientNetLite0Backbone()
         self.taps = ["stem"] + [f"expand{i}" for i in self.EXPANDED_TAPS]
-        self.content_taps = (3, 4)
+        self.tap_strides = [2, 4, 8, 16, 32]
 
     def _normalise_input(self, x: Tensor) -> Tensor:
         return (x * 255 - 127) / 128
@@ -360,7 +365,7 @@ class VGGNormalised(PerceptualNet):
         super().__init__(smooth, temperature)
         self.backbone = vgg_normalised_layers()
         self.taps = list(self.TAP_ENDS)
-        self.content_taps = (3, 4)
+        self.tap_strides = [1, 2, 4, 8, 16]
 
     def load_weights(self, path: Path) -> None:
         super().load_weights(path)  # strict against the full 53-module layout

@@ -42,7 +42,10 @@ def test_taps_shapes_and_frozen(packaged_net):
     x = torch.rand(2, 3, 64, 96, requires_grad=True)
     feats = packaged_net.features(x)
     assert [(f.shape[1], 64 // f.shape[2]) for f in feats] == EXPECTED_TAPS[name]
-    assert len(packaged_net.taps) == len(feats) and max(packaged_net.content_taps) < len(feats)
+    assert len(packaged_net.taps) == len(feats)
+    assert packaged_net.tap_strides == [64 // f.shape[2] for f in feats]
+    # the content loss reads the counterparts of VGG relu4_1 / relu5_1: strides 8 and 16
+    assert [64 // feats[i].shape[2] for i in packaged_net.content_taps] == [8, 16]
     assert all(f.shape[0] == 2 and f.shape[3] == 96 * f.shape[2] // 64 for f in feats)
 
     assert not any(p.requires_grad for p in packaged_net.parameters())
