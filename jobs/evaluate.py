@@ -8,7 +8,7 @@ Temporal consistency as the warping error of Lai et al. 2018 ("Learning Blind Vi
 
 averaged over all pairs u = t + d, for d = 1 (short range) and d = 10 (long range). The flow F and the
 non-occlusion mask M (forward-backward check + motion boundaries + out-of-frame) come from the INPUT video, with
-DIS 'medium' at full resolution: deliberately not the smoother's own flow (DIS 'ultrafast' at half scale), since
+DIS 'medium' at full resolution: deliberately not the smoother's own flow (DIS 'fast', frames up to 576 px short side), since
 evaluating with the flow used for blending flatters the blending (team notes video.md, key fact 4). Pairs that cross a shot
 cut (found on the input) are skipped, as are fully occluded pairs. The input's own warping error is reported as
 the floor that real content reaches.
@@ -256,7 +256,7 @@ def summary_json(result: TemporalResult, args) -> dict:
         "input": args.input, "stylized": args.stylized, "baseline": args.baseline,
         "frames": result.frames, "size": list(result.size), "shot_cuts": result.cuts,
         "eval_flow": dict(EVAL_FLOW, occlusion="fw-bw check + motion boundaries + out-of-frame"),
-        "smoother_flow": {"method": "DIS", "preset": smoother.flow_preset, "scale": smoother.flow_scale},
+        "smoother_flow": {"method": "DIS", "preset": smoother.flow_preset, "short_side": smoother.flow_size},
         "warping_error": {str(d): {name: result.mean(d, name) for name in names} for d in result.errors},
         "pairs": {str(d): result.pairs(d) for d in result.errors},
         "drift": result.drift,
@@ -270,7 +270,7 @@ def summary_text(result: TemporalResult, report: dict) -> str:
 
     lines = [f"{report['stylized']}: {result.frames} frames at {result.size[0]}x{result.size[1]}, "
              f"shot cuts at {result.cuts or 'none'}; flow DIS {EVAL_FLOW['preset']} at scale {EVAL_FLOW['scale']} "
-             f"(smoother uses {report['smoother_flow']['preset']} at {report['smoother_flow']['scale']})"]
+             f"(smoother uses {report['smoother_flow']['preset']} on frames up to {report['smoother_flow']['short_side']} px short side)"]
     for d, means in report["warping_error"].items():
         values = "  ".join(f"{name} {fmt(value)}" for name, value in means.items())
         lines.append(f"  warping error d={d:>2}: {values}  ({report['pairs'][d]} pairs)")

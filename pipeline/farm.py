@@ -92,7 +92,7 @@ class Settings:
     working_size: int = 512         # short side the model runs at (0 = the source size)
     strength: float = 1.0           # style strength: 0 = the content, 1 = full style
     temporal_strength: float = 0.8  # temporal smoothing, 0 = off
-    flow_preset: str = "ultrafast"  # DIS flow for the smoothing
+    flow_preset: str = TemporalConfig.flow_preset  # DIS flow for the smoothing
     preserve_color: bool = False
     seed: int = 0                   # style token permutation: same seed, same frames
     batch_size: int = 4             # frames per model call

@@ -109,19 +109,21 @@ def _squared_norm(flow: np.ndarray) -> np.ndarray:
     return flow[..., 0] * flow[..., 0] + flow[..., 1] * flow[..., 1]
 
 
-def warp(image: np.ndarray, flow: np.ndarray, channels_first: bool = False) -> np.ndarray:
-    """Backward warp: ``out(x) = image(x + flow(x))``, bilinear, edges replicated.
+def warp(image: np.ndarray, flow: np.ndarray, channels_first: bool = False, cubic: bool = False) -> np.ndarray:
+    """Backward warp: ``out(x) = image(x + flow(x))``, bilinear (or bicubic), edges replicated.
 
     `image`: H x W, H x W x C (any C, float32/float64/uint8) or, with `channels_first`, C x H x W (token grids);
     `flow`: H x W x 2 on the output grid. Returns the same shape and dtype. Samples outside the image take the edge
-    value; `outside_mask` tells which ones those are.
+    value; `outside_mask` tells which ones those are. `cubic`: bicubic interpolation, which softens fine detail
+    much less than bilinear when an image is warped again and again (the smoothers).
     """
     if image.dtype == np.float64:
-        return warp(image.astype(np.float32), flow, channels_first).astype(np.float64)
+        return warp(image.astype(np.float32), flow, channels_first, cubic).astype(np.float64)
     map_x, map_y = _sampling_maps(flow)
+    mode = cv2.INTER_CUBIC if cubic else cv2.INTER_LINEAR
 
     def remap(plane: np.ndarray) -> np.ndarray:
-        return cv2.remap(np.ascontiguousarray(plane), map_x, map_y, cv2.INTER_LINEAR, borderMode=cv2.BORDER_REPLICATE)
+        return cv2.remap(np.ascontiguousarray(plane), map_x, map_y, mode, borderMode=cv2.BORDER_REPLICATE)
 
     spatial = image.shape[1:3] if channels_first else image.shape[:2]
     if spatial != flow.shape[:2]:
@@ -133,7 +135,7 @@ def warp(image: np.ndarray, flow: np.ndarray, channels_first: bool = False) -> n
     planes = np.ascontiguousarray(image if channels_first else image.transpose(2, 0, 1))
     out = np.empty_like(planes)
     for plane, dst in zip(planes, out):
-        cv2.remap(plane, map_x, map_y, cv2.INTER_LINEAR, dst=dst, borderMode=cv2.BORDER_REPLICATE)
+        cv2.remap(plane, map_x, map_y, mode, dst=dst, borderMode=cv2.BORDER_REPLICATE)
     return out if channels_first else np.ascontiguousarray(out.transpose(1, 2, 0))
 
 

@@ -80,7 +80,7 @@ class StylizeJob:
     audio: bool = True
     overwrite: bool = False
     temporal_strength: float = 0.8
-    flow_preset: str = "ultrafast"
+    flow_preset: str = TemporalConfig.flow_preset
     batch_size: int = 4
     chunk_frames: int = 0
     device: str = "auto"
