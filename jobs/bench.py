@@ -151,12 +151,12 @@ def _stylize_and_report_rss(job: StylizeJob, threads: int, results) -> None:
     try:
         torch.set_num_threads(threads)
         run_local(job, progress=False)
-        results.put(_own_peak_rss_mb())
+        results.put(own_peak_rss_mb())
     except Exception as error:  # reported, so that the parent does not wait forever
         results.put(f"{type(error).__name__}: {error}")
 
 
-def _own_peak_rss_mb() -> float:
+def own_peak_rss_mb() -> float:
     """This process's peak RSS. Not ru_maxrss: Linux carries that over exec, so a spawned child reports at least
     the RSS its parent had when it forked (a parent that had just encoded a test clip made a flat child look
     50 % bigger). VmHWM belongs to the process's own memory map."""

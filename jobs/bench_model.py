@@ -28,8 +28,8 @@ PATHS = ("cached", "ref_scan", "no_cache")
 
 
 def _peak_rss_mb() -> float:
-    from jobs.bench import _own_peak_rss_mb  # VmHWM: ru_maxrss would carry the parent's peak over exec
-    return _own_peak_rss_mb()
+    from jobs.bench import own_peak_rss_mb  # VmHWM: ru_maxrss would carry the parent's peak over exec
+    return own_peak_rss_mb()
 
 
 def _build_model(config: str, weights: str | None, **overrides):

@@ -56,7 +56,7 @@ import torch
 from models.checkpoint import BUNDLED_DIR, load_model, read_yaml
 from models.errors import UserError
 from pipeline.api import resolve_device
-from pipeline.sink import ENCODERS, VIDEO_EXTENSIONS, FrameSink, _AudioPassthrough
+from pipeline.sink import ENCODERS, VIDEO_EXTENSIONS, AudioPassthrough, FrameSink
 from pipeline.shots import DEFAULT_THRESHOLD, ShotDetector
 from pipeline.source import Frame, FrameSource, VideoInfo, open_source
 from pipeline.styles import StyleCodes, StyleImage, parse_blend, parse_schedule, parse_style
@@ -753,7 +753,7 @@ def join_chunks(chunks: list[tuple[str, int]], output: str, clip: str, codec: st
     extension = os.path.splitext(output)[1].lower()
     folder, name = os.path.split(output)
     temp = os.path.join(folder, f".{name}.{os.getpid()}.join{extension}")
-    passthrough = _AudioPassthrough(clip) if audio and info.has_audio else None
+    passthrough = AudioPassthrough(clip) if audio and info.has_audio else None
     container = av.open(temp, "w", options={"avoid_negative_ts": "disabled"})
     try:
         with av.open(chunks[0][0]) as first:

@@ -246,7 +246,7 @@ class _VideoWriter:
         self.pending = None  # the last frame, held back until the next one gives its duration
         self.first_pts = self.previous_pts = None
         self.durations = {}  # pts -> duration of the frames inside the encoder
-        self.audio = _AudioPassthrough(audio_from) if audio_from else None
+        self.audio = AudioPassthrough(audio_from) if audio_from else None
         # Keep timestamps as given: by default Matroska shifts every stream when audio starts before 0.
         self.container = av.open(temp, "w", options={"avoid_negative_ts": "disabled"})
         if codec not in self.container.supported_codecs:
@@ -406,7 +406,7 @@ def _colour_tags(like, pix_fmt: str) -> dict[str, int]:
     return tags
 
 
-class _AudioPassthrough:
+class AudioPassthrough:
     """Copies every audio stream of a file into the output, interleaved with the video as it is written."""
 
     def __init__(self, path: str):
