@@ -105,7 +105,7 @@ def register_temporal_bench(bench_sub) -> None:
     p.add_argument("--frames", type=int, default=120, help="frames per clip")
     p.add_argument("--working-size", type=int, default=StylizeJob.working_size,
                    help="short side the model runs at (default: the stylize default)")
-    p.add_argument("--strength", type=float, default=None, help="temporal strength (default: the default)")
+    p.add_argument("--temporal-strength", type=float, default=None, help="temporal strength (default: the default)")
     p.add_argument("--plots", default="out", help="folder for the per-clip plots")
     p.add_argument("--json", action="store_true", help="(the JSON line is always printed last)")
     p.set_defaults(func=_run)
@@ -115,7 +115,7 @@ def _run(args) -> int:
     from jobs.assets import starry_night
     model = load_model(args.weights)
     style = load_image(args.style or starry_night())
-    strength = TemporalConfig().strength if args.strength is None else args.strength
+    strength = TemporalConfig().strength if args.temporal_strength is None else args.temporal_strength
     net = load_perceptual("efficientnet_lite0")
     Path(args.plots).mkdir(parents=True, exist_ok=True)
     reports = []

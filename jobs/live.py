@@ -42,7 +42,7 @@ def register(sub):
                    help="starting (and largest) working size, short side in pixels; 0 = the source size (default 512)")
     p.add_argument("--min-working-size", type=int, default=DEFAULT_FLOOR,
                    help=f"the working size never goes below this (default {DEFAULT_FLOOR})")
-    p.add_argument("--strength", type=float, default=1.0, help="style strength, 0 (content) to 1 (default)")
+    p.add_argument("--style-strength", type=float, default=1.0, help="how much style, 0 (the content) to 1 (default)")
     p.add_argument("--preserve-color", action="store_true", help="keep the source's colours")
     p.add_argument("--no-temporal", action="store_true", help="no temporal smoothing")
     p.add_argument("--weights", help="model folder or .safetensors (default: the bundled weights)")
@@ -86,7 +86,7 @@ def run(args) -> int:
 
     # 2. The stylizer, at the ladder's top size
     style = parse_style(args.style, fps=fps) if args.style is not None else None  # "5s:" keyframes need the fps
-    stylizer = Stylizer(args.weights, style=style, working_size=sizes.size, strength=args.strength,
+    stylizer = Stylizer(args.weights, style=style, working_size=sizes.size, strength=args.style_strength,
                         preserve_color=args.preserve_color, temporal=not args.no_temporal, seed=args.seed)
     print(f"live: {name}, {width}x{height} at {fps:.3g} fps; target {target:.3g} fps; "
           f"working sizes {sizes.ladder}", flush=True)

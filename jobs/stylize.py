@@ -47,8 +47,12 @@ def register(sub) -> None:
     look = p.add_argument_group("stylization (defaults: the preset, else the values shown)")
     look.add_argument("--working-size", type=int, help=f"short side the model runs at, 0 = source size "
                                                        f"({DEFAULTS['working_size']})")
-    look.add_argument("--strength", "--temporal-strength", dest="temporal_strength", type=float, metavar="S",
+    look.add_argument("--temporal-strength", dest="temporal_strength", type=float, metavar="S",
                       help=f"temporal smoothing 0..1, 0 turns it off ({DEFAULTS['temporal_strength']})")
+    look.add_argument("--style-strength", type=float, metavar="S",
+                      help=f"how much style, 0 (the content) to 1 ({DEFAULTS['style_strength']})")
+    look.add_argument("--preserve-color", action="store_const", const=True,
+                      help="keep the source's colours, take only the style's texture")
     look.add_argument("--seed", type=int, help=f"style token permutation seed ({DEFAULTS['seed']})")
     look.add_argument("--batch-size", type=int, help=f"frames per model call ({DEFAULTS['batch_size']})")
     look.add_argument("--device", help="auto, cpu or cuda (auto)")

@@ -81,6 +81,8 @@ class StylizeJob:
     overwrite: bool = False
     temporal_strength: float = 0.8
     flow_preset: str = TemporalConfig.flow_preset
+    style_strength: float = 1.0       # 0 = the content, 1 = full style (models/style_controls.py)
+    preserve_color: bool = False      # keep the source's colours, take the style's texture
     batch_size: int = 4
     chunk_frames: int = 0
     device: str = "auto"
@@ -96,7 +98,8 @@ class StylizeJob:
     def stylizer_config(self) -> StylizerConfig:
         temporal = TemporalConfig(strength=float(self.temporal_strength), flow_preset=self.flow_preset)
         return StylizerConfig(working_size=self.working_size, batch_size=self.batch_size, seed=self.seed,
-                              temporal=temporal, temporal_enabled=self.temporal_strength > 0)
+                              temporal=temporal, temporal_enabled=self.temporal_strength > 0,
+                              strength=float(self.style_strength), preserve_color=bool(self.preserve_color))
 
 
 @dataclass

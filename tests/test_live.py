@@ -97,7 +97,7 @@ def test_live_writes_every_frame_and_degrades_to_keep_up(files, capsys):
 def test_live_max_frames_to_an_image_folder(files, capsys):
     out = files["folder"] / "frames"
     rc = cli_main(["live", "--input", files["clip"], "--output", str(out), "--weights", files["weights"],
-                   "--style", files["style"], "--max-frames", "3", "--strength", "0.5", "--preserve-color"])
+                   "--style", files["style"], "--max-frames", "3", "--style-strength", "0.5", "--preserve-color"])
     assert rc == 0
     assert sorted(p.suffix for p in out.iterdir() if p.suffix == ".png") == [".png"] * 3
     assert "working sizes [64]" in capsys.readouterr().out  # 512 asked, the frame is smaller
@@ -116,7 +116,7 @@ def test_live_follows_a_schedule_in_seconds(files, capsys):
     ([], "nothing to do: pass --output"),
     (["--show"], "--show: no display here"),
     (["--output", "x.mp4", "--max-frames", "0"], "--max-frames: must be >= 1"),
-    (["--output", "x.mp4", "--strength", "3"], "strength: must be from 0"),
+    (["--output", "x.mp4", "--style-strength", "3"], "strength: must be from 0"),
 ])
 def test_live_refuses_bad_arguments_in_one_line(files, monkeypatch, capsys, extra, message):
     monkeypatch.delenv("DISPLAY", raising=False)

@@ -411,6 +411,28 @@ def test_cli_stylizes_with_preset_and_flags_and_prints_a_summary(tmp_path, capsy
     assert settings["working_size"] == 32 and settings["crf"] == read_preset("preview")["crf"]
 
 
+def test_cli_style_strength_and_colour_preservation(tmp_path, weights, style):
+    clip = tmp_path / "in.mkv"
+    write_clip(clip, count=4)
+    source = [f.to_ndarray(format="rgb24") for f in av.open(str(clip)).decode(video=0)]
+
+    def stylize(name, *flags):
+        out = tmp_path / name
+        assert main(["stylize", str(clip), "--style", style, "-o", str(out), "--weights", weights, "--codec", "ffv1",
+                     "--pix-fmt", "yuv444p", "--no-audio", "--working-size", "32", *flags]) == 0
+        return [f.to_ndarray(format="rgb24") for f in av.open(str(out)).decode(video=0)]
+
+    def chroma_error(frames):
+        yuv = lambda f: cv2.cvtColor(f, cv2.COLOR_RGB2YCrCb)[..., 1:].astype(np.float32)  # noqa: E731
+        return float(np.mean([np.abs(yuv(a) - yuv(b)).mean() for a, b in zip(frames, source)]))
+
+    untouched = stylize("s0.mkv", "--style-strength", "0")
+    assert comment(tmp_path / "s0.mkv")["job"]["style_strength"] == 0
+    assert all(np.abs(a.astype(int) - b).max() <= 2 for a, b in zip(untouched, source))  # only yuv444 rounding
+    full, kept = stylize("s1.mkv"), stylize("pc.mkv", "--preserve-color")
+    assert chroma_error(kept) < 0.5 * chroma_error(full)
+
+
 def test_cli_preview_needs_a_png(tmp_path, capsys, weights, style):
     clip = tmp_path / "in.mp4"
     write_clip(clip, count=6)
