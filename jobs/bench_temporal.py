@@ -63,14 +63,14 @@ def style_distance(frames: list[np.ndarray], style: np.ndarray, net) -> float:
 
 
 def bench_clip(model, name: str, path: str, style: np.ndarray, frames: int, working_size: int, strength: float,
-               net, plot_dir: Path) -> dict:
+               net, plot_dir: Path, token_smoothing: bool = False) -> dict:
     src = open_source(path)
     inputs = [f.image for f in src.frames(max_frames=frames)]
     shape = inputs[0].shape[:2]
     runs, times = {}, {}
     for label, enabled in (("per_frame", False), ("smoothed", True)):
         config = StylizerConfig(working_size=working_size, seed=0, temporal_enabled=enabled,
-                                temporal=TemporalConfig(strength=strength))
+                                token_smoothing=token_smoothing, temporal=TemporalConfig(strength=strength))
         stylizer = ClipStylizer(model, style, shape, config)
         t = time.perf_counter()
         runs[label] = stylizer(inputs)
@@ -79,7 +79,8 @@ def bench_clip(model, name: str, path: str, style: np.ndarray, frames: int, work
     plot = plot_dir / f"temporal_{name}.png"
     write_plot(result, str(plot), f"{name}: warping error per frame (d=1)")
     report = {"clip": name, "frames": len(inputs), "size": [shape[1], shape[0]], "cuts": result.cuts,
-              "working_size": working_size, "strength": strength, "plot": str(plot)}
+              "working_size": working_size, "strength": strength, "token_smoothing": token_smoothing,
+              "plot": str(plot)}
     for d in (1, 10):
         e = {k: result.mean(d, k) for k in ("input", "per_frame", "smoothed")}
         report[f"warp_error_d{d}"] = {k: (round(v, 6) if v is not None else None) for k, v in e.items()}
@@ -106,6 +107,7 @@ def register_temporal_bench(bench_sub) -> None:
     p.add_argument("--working-size", type=int, default=StylizeJob.working_size,
                    help="short side the model runs at (default: the stylize default)")
     p.add_argument("--temporal-strength", type=float, default=None, help="temporal strength (default: the default)")
+    p.add_argument("--token-smoothing", action="store_true", help="add the token-level stage (off by default)")
     p.add_argument("--plots", default="out", help="folder for the per-clip plots")
     p.add_argument("--json", action="store_true", help="(the JSON line is always printed last)")
     p.set_defaults(func=_run)
@@ -120,7 +122,8 @@ def _run(args) -> int:
     Path(args.plots).mkdir(parents=True, exist_ok=True)
     reports = []
     for name, path in _clips([c.strip() for c in args.clips.split(",") if c.strip()]):
-        r = bench_clip(model, name, path, style, args.frames, args.working_size, strength, net, Path(args.plots))
+        r = bench_clip(model, name, path, style, args.frames, args.working_size, strength, net, Path(args.plots),
+                       args.token_smoothing)
         print(f"  {name}: warp d1 {r['warp_error_d1']}, ratio {r.get('warp_ratio_d1')}, d10 ratio "
               f"{r.get('warp_ratio_d10')}, drift {r['drift']}, style Δ {r['style_distance_change']:+.2%}, "
               f"smoothing cost {r['smoothing_cost']:+.1%}", flush=True)
