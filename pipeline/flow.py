@@ -14,7 +14,8 @@ object's history (checked with OpenCV 5.0 and in tests/test_temporal.py), so no 
 `cv2.remap` on float32 images is exact bilinear interpolation only for 1-, 3- and 4-channel images; for 2 or more
 than 4 channels OpenCV switches to a table with 1/32-pixel steps, whose results differ. `warp` therefore
 always remaps one plane or one 3/4-channel group at a time, so the result of a channel never depends on how many
-other channels travel with it.
+other channels travel with it. Bicubic (`cubic=True`) gives the same result for a 3-channel image as plane by
+plane, and OpenCV refuses it for more than 4 channels, which `warp` remaps plane by plane anyway.
 """
 from __future__ import annotations
 

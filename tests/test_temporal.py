@@ -105,6 +105,14 @@ def test_warp_and_occlusion_mask():
     assert np.array_equal(warped[..., 4], warp(image[..., 4], flow))
     assert np.array_equal(warp(image.transpose(2, 0, 1), flow, channels_first=True), warped.transpose(2, 0, 1))
     assert warp(image[..., :3].copy(), flow).shape == (24, 32, 3)
+    # bicubic (the smoothers' choice): same channel independence, and an integer shift is still exact
+    cubic = warp(image, flow, cubic=True)
+    assert np.array_equal(warp(np.ascontiguousarray(image[..., :3]), flow, cubic=True), cubic[..., :3])
+    assert np.array_equal(cubic[..., 4], warp(image[..., 4], flow, cubic=True))
+    assert not np.array_equal(cubic, warped)
+    two_right = np.zeros_like(flow)
+    two_right[..., 0] = 2.0
+    assert np.array_equal(warp(image, two_right, cubic=True)[:, :-2], image[:, 2:])
 
     shift = np.zeros((24, 32, 2), np.float32)
     shift[..., 0] = 3.0
