@@ -77,7 +77,7 @@ def bench_clip(model, name: str, path: str, style: np.ndarray, frames: int, work
         times[label] = time.perf_counter() - t
     result = evaluate_temporal(inputs, runs, drift=("smoothed", "per_frame"))
     plot = plot_dir / f"temporal_{name}.png"
-    write_plot(result, str(plot), f"{name}: warping error per frame (d=1)")
+    write_plot(result, str(plot), name)
     report = {"clip": name, "frames": len(inputs), "size": [shape[1], shape[0]], "cuts": result.cuts,
               "working_size": working_size, "strength": strength, "token_smoothing": token_smoothing,
               "plot": str(plot)}

@@ -281,20 +281,28 @@ def summary_text(result: TemporalResult, report: dict) -> str:
     return "\n".join(lines)
 
 
-def write_plot(result: TemporalResult, path: str, title: str) -> None:
+# Curve colour and legend label per video name; the CLI's names (input/baseline/stylized) and the benchmark's.
+PLOT_STYLES = {"input": ("0.5", "input"), "baseline": ("tab:red", "per-frame"), "per_frame": ("tab:red", "per-frame"),
+               "stylized": ("tab:blue", "stylized"), "smoothed": ("tab:blue", "smoothed")}
+
+
+def write_plot(result: TemporalResult, path: str, title: str) -> list[str]:
+    """Per-frame warping error of every video in `result`, one panel per distance; returns the legend labels."""
     from matplotlib.figure import Figure  # no pyplot: no global backend state, renders with Agg
 
-    styles = {"input": ("0.5", "input"), "baseline": ("tab:red", "per-frame"), "stylized": ("tab:blue", "stylized")}
     fig = Figure(figsize=(9, 3 * len(result.errors)))
     axes = fig.subplots(len(result.errors), 1, sharex=True, squeeze=False)
+    labels = []
     for ax, (d, per_video) in zip(axes[:, 0], result.errors.items()):
-        for name, (color, label) in styles.items():
+        for i, name in enumerate(per_video):
+            color, label = PLOT_STYLES.get(name, (f"C{i + 2}", name))
             if per_video.get(name):
                 curve = np.full(result.frames, np.nan)   # NaN gaps break the line at skipped pairs (cuts)
                 for t, error in per_video[name]:
                     curve[t] = error
                 mean = result.mean(d, name)
                 ax.plot(np.arange(result.frames), curve, color=color, lw=1.2, label=f"{label} (mean {mean:.5f})")
+                labels.append(f"d={d} {label}")
         for cut in result.cuts:
             ax.axvline(cut, color="k", ls=":", lw=0.8)
         ax.set_ylabel(f"E_warp, d={d}")
@@ -307,3 +315,4 @@ def write_plot(result: TemporalResult, path: str, title: str) -> None:
     axes[0, 0].set_title(f"warping error: {title}")
     fig.tight_layout()
     fig.savefig(path, dpi=100)
+    return labels
