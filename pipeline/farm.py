@@ -90,7 +90,7 @@ class Settings:
     """How one item is rendered and encoded. Job-wide in `settings:`, overridable per item."""
 
     working_size: int = 512         # short side the model runs at (0 = the source size)
-    strength: float = 1.0           # style strength: 0 = the content, 1 = full style
+    style_strength: float = 1.0     # 0 = the content, 1 = full style
     temporal_strength: float = 0.8  # temporal smoothing, 0 = off
     flow_preset: str = TemporalConfig.flow_preset  # DIS flow for the smoothing
     preserve_color: bool = False
@@ -112,7 +112,7 @@ class Settings:
         settings = cls(**values)
         problems = [
             ("working_size", settings.working_size >= 0, "must be >= 0 (0 = the source size)"),
-            ("strength", 0 <= settings.strength <= 1, "must be between 0 and 1"),
+            ("style_strength", 0 <= settings.style_strength <= 1, "must be between 0 and 1"),
             ("temporal_strength", 0 <= settings.temporal_strength <= 1, "must be between 0 and 1 (0 = off)"),
             ("flow_preset", settings.flow_preset in DIS_PRESETS, f"must be one of {', '.join(DIS_PRESETS)}"),
             ("batch_size", settings.batch_size >= 1, "must be >= 1"),
@@ -136,7 +136,7 @@ class Settings:
                                   shot_threshold=self.shot_threshold)
         return StylizerConfig(working_size=self.working_size, batch_size=self.batch_size, seed=self.seed,
                               temporal=temporal, temporal_enabled=self.temporal_strength > 0,
-                              strength=self.strength, preserve_color=self.preserve_color)
+                              strength=self.style_strength, preserve_color=self.preserve_color)
 
 
 SETTING_NAMES = tuple(f.name for f in dataclasses.fields(Settings))

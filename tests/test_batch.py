@@ -184,7 +184,7 @@ def test_clips_times_styles_expand_into_named_items(tmp_path, assets):
     (dict(settings={"crf": "18"}), "job.yaml: settings.crf: must be an integer, got '18'"),
     (dict(settings={"chunk_frame": 8}),
      "job.yaml: settings: unknown setting 'chunk_frame' (did you mean 'chunk_frames'?)"),
-    (dict(settings={"strength": 2}), "job.yaml: settings.strength: must be between 0 and 1, got 2.0"),
+    (dict(settings={"style_strength": 2}), "job.yaml: settings.style_strength: must be between 0 and 1, got 2.0"),
     (dict(clips=["nowhere/*.mp4"]), "job.yaml: clips[0]: no files match nowhere/*.mp4"),
     (dict(clips=["missing.mp4"]), "job.yaml: clips[0]: file not found: missing.mp4"),
     (dict(items=[{"clip": "A", "style": "S"}, {"clip": "A", "style": "S"}, {"clip": "A", "style": "x.png"}]),
