@@ -21,11 +21,9 @@ import time
 from pathlib import Path
 
 import numpy as np
-import torch
 
-from jobs.evaluate import evaluate_temporal, write_plot
+from jobs.evaluate import evaluate_temporal, style_distances, write_plot
 from models.checkpoint import load_model
-from models.losses import mean_std
 from models.perceptual import load_perceptual
 from pipeline.images import load_image
 from pipeline.runner import StylizeJob
@@ -41,25 +39,6 @@ def _clips(names: list[str]) -> list[tuple[str, str]]:
     for name in names:
         out.append((name, str(found[name]()) if name in found else name))
     return out
-
-
-@torch.no_grad()
-def style_distance(frames: list[np.ndarray], style: np.ndarray, net) -> float:
-    """Mean over frames of Σ_taps ‖μ−μ_s‖² + ‖σ−σ_s‖² (EfficientNet features at 256 px short side)."""
-    import cv2
-
-    def prep(img):
-        h, w = img.shape[:2]
-        s = 256 / min(h, w)
-        img = cv2.resize(img, (round(w * s), round(h * s)), interpolation=cv2.INTER_AREA)
-        return torch.from_numpy(img).permute(2, 0, 1)[None].float() / 255
-    fs = [mean_std(f) for f in net.features(prep(style))]
-    total = []
-    for frame in frames:
-        fo = net.features(prep(frame))
-        total.append(sum(float(((m - ms) ** 2).mean() + ((s - ss) ** 2).mean())
-                         for (m, s), (ms, ss) in zip((mean_std(f) for f in fo), fs)))
-    return float(np.mean(total))
 
 
 def bench_clip(model, name: str, path: str, style: np.ndarray, frames: int, working_size: int, strength: float,
@@ -87,7 +66,7 @@ def bench_clip(model, name: str, path: str, style: np.ndarray, frames: int, work
         if e["per_frame"]:
             report[f"warp_ratio_d{d}"] = round(e["smoothed"] / e["per_frame"], 3)
     report["drift"] = round(result.drift, 5)
-    sd = {k: style_distance(v, style, net) for k, v in runs.items()}
+    sd = {k: float(np.mean(style_distances(v, style, net))) for k, v in runs.items()}
     report["style_distance"] = {k: round(v, 5) for k, v in sd.items()}
     report["style_distance_change"] = round(sd["smoothed"] / sd["per_frame"] - 1, 4)
     report["seconds"] = {k: round(v, 2) for k, v in times.items()}

@@ -222,6 +222,8 @@ def register_temporal(metrics) -> None:
     p.add_argument("stylized", metavar="STYLIZED", help="the stylized video (same frames, same aspect ratio)")
     p.add_argument("--baseline", metavar="PERFRAME", help="per-frame stylization without smoothing (adds drift)")
     p.add_argument("--plot", metavar="PNG", help="write a plot of the per-frame warping error")
+    p.add_argument("--style", metavar="IMAGE", help="the style image: adds the per-frame style distance "
+                                                    "(EfficientNet-Lite0 feature mean/std) of STYLIZED and PERFRAME")
     p.add_argument("--json", action="store_true", help="print only the JSON line")
     p.set_defaults(func=run_temporal)
 
@@ -242,10 +244,35 @@ def run_temporal(args) -> int:
     if args.plot:
         write_plot(result, args.plot, title=os.path.basename(args.stylized))
     report = summary_json(result, args)
+    if args.style:
+        report["style_distance"] = style_report(args)
     if not args.json:
         print(summary_text(result, report))
     print(json.dumps(report))
     return 0
+
+
+def style_distances(frames: Iterable[np.ndarray], style: np.ndarray, net) -> list[float]:
+    """Per frame: Σ_taps ‖μ − μ_s‖² + ‖σ − σ_s‖² of the perceptual features of the frame and of the style image,
+    both resized to 256 px short side (EfficientNet-Lite0 in the CLI and the benchmark: not the training network)."""
+    import torch
+
+    from models.losses import mean_std
+
+    def prep(img):
+        h, w = img.shape[:2]
+        s = 256 / min(h, w)
+        img = cv2.resize(img, (round(w * s), round(h * s)), interpolation=cv2.INTER_AREA)
+        return torch.from_numpy(np.ascontiguousarray(img)).permute(2, 0, 1)[None].float() / 255
+
+    with torch.no_grad():
+        target = [mean_std(f) for f in net.features(prep(style))]
+        out = []
+        for frame in frames:
+            stats = (mean_std(f) for f in net.features(prep(frame)))
+            out.append(sum(float(((m - ms) ** 2).mean() + ((s - ss) ** 2).mean())
+                           for (m, s), (ms, ss) in zip(stats, target)))
+    return out
 
 
 def summary_json(result: TemporalResult, args) -> dict:
@@ -264,6 +291,21 @@ def summary_json(result: TemporalResult, args) -> dict:
     }
 
 
+def style_report(args) -> dict:
+    """Per-frame style distances of the stylized video (and the baseline), their means, and the relative change."""
+    from models.perceptual import load_perceptual
+    from pipeline.images import load_image
+
+    style, net = load_image(args.style), load_perceptual("efficientnet_lite0")
+    videos = {"stylized": args.stylized, **({"baseline": args.baseline} if args.baseline else {})}
+    per_frame = {name: style_distances(read_frames(path), style, net) for name, path in videos.items()}
+    report = {"style": args.style, "mean": {name: float(np.mean(v)) for name, v in per_frame.items()},
+              "per_frame": per_frame}
+    if args.baseline:
+        report["change_vs_baseline"] = report["mean"]["stylized"] / report["mean"]["baseline"] - 1
+    return report
+
+
 def summary_text(result: TemporalResult, report: dict) -> str:
     def fmt(value):
         return "n/a" if value is None else f"{value:.5f}"
@@ -276,6 +318,11 @@ def summary_text(result: TemporalResult, report: dict) -> str:
         lines.append(f"  warping error d={d:>2}: {values}  ({report['pairs'][d]} pairs)")
     if report["drift"] is not None:
         lines.append(f"  drift from baseline: {report['drift']:.5f} (mean |stylized - baseline|, 0..1)")
+    if "style_distance" in report:
+        sd = report["style_distance"]
+        means = "  ".join(f"{name} {value:.4f}" for name, value in sd["mean"].items())
+        change = f" ({sd['change_vs_baseline']:+.2%} vs baseline)" if "change_vs_baseline" in sd else ""
+        lines.append(f"  style distance, mean over frames: {means}{change}")
     if report["plot"]:
         lines.append(f"  plot: {report['plot']}")
     return "\n".join(lines)

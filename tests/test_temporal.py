@@ -301,8 +301,10 @@ def test_eval_temporal_cli(tmp_path, bikes, capsys):
     encode(paths["baseline"], per_frame)
     plot = tmp_path / "plot.png"
 
+    style = tmp_path / "style.png"
+    cv2.imwrite(str(style), cv2.resize(bikes[5], (64, 48)))
     argv = ["eval", "temporal", str(paths["input"]), str(paths["stylized"]),
-            "--baseline", str(paths["baseline"]), "--plot", str(plot)]
+            "--baseline", str(paths["baseline"]), "--plot", str(plot), "--style", str(style)]
     assert cli_main(argv) == 0
     lines = capsys.readouterr().out.strip().splitlines()
     report = json.loads(lines[-1])
@@ -315,6 +317,10 @@ def test_eval_temporal_cli(tmp_path, bikes, capsys):
     assert report["warping_error"]["10"]["stylized"] is None
     assert 0 < report["drift"] < 0.05
     assert report["eval_flow"]["preset"] != report["smoother_flow"]["preset"]
+    sd = report["style_distance"]                              # per-frame style distance of both videos
+    assert len(sd["per_frame"]["stylized"]) == len(sd["per_frame"]["baseline"]) == 16
+    assert sd["mean"]["stylized"] == pytest.approx(np.mean(sd["per_frame"]["stylized"]))
+    assert abs(sd["change_vs_baseline"]) < 0.5 and "style distance" in "\n".join(lines)
 
     assert cli_main(argv[:4] + ["--json"]) == 0                 # --json: the JSON line only
     only = capsys.readouterr().out.strip().splitlines()
