@@ -47,9 +47,9 @@ class StylizerConfig:
     temporal: TemporalConfig = field(default_factory=TemporalConfig)
     temporal_enabled: bool = True
     # The token-level stage (the output-level stage runs whenever temporal is on). Off by default: with the
-    # bundled weights, blended decoder tokens decode into new artefacts (vtest, 30 frames, warping error d=1,
-    # measured when the output stage still ran at the working size: per-frame 6.09e-5, output-level only
-    # 5.49e-5, token + output 6.52e-5).
+    # bundled weights it fades the style (`mambast bench temporal --frames 60 [--token-smoothing]`, ratio of
+    # warping error to per-frame / style distance change: vtest 0.58 / -0.4 % without, 0.56 / -0.2 % with;
+    # bikes 0.50 / +1.8 % without, 0.47 / +5.9 % with: averaged tokens decode into flatter brushwork).
     token_smoothing: bool = False
     guide_radius: int = 4         # guided upsampling window, in working-resolution pixels
     guide_eps: float = 1e-3
