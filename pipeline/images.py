@@ -77,24 +77,28 @@ def contact_sheet(
     """A grid of images, each fitted into a cell x cell square, with an optional label under each.
 
     Images may be HxW or HxWx3/4 uint8, or float in 0..1; `labels` has the same shape as `rows`
-    (use "" for no label). Returns an RGB uint8 image on a white background.
+    (use "" for no label). Each row is as tall as its tallest fitted image, so rows of wide video frames do not
+    float in empty squares. Returns an RGB uint8 image on a white background.
     """
     columns = max((len(row) for row in rows), default=0)
     if not rows or columns == 0:
         raise ValueError("contact_sheet needs at least one image")
     label_height = max(14, cell // 10) if labels else 0
     gap = max(2, cell // 64)
-    step_x, step_y = cell + gap, cell + label_height + gap
-    sheet = np.full((gap + len(rows) * step_y, gap + columns * step_x, 3), SHEET_BACKGROUND, np.uint8)
-    for row_index, row in enumerate(rows):
-        for column_index, image in enumerate(row):
-            top, left = gap + row_index * step_y, gap + column_index * step_x
-            fitted = _fit_into_square(_as_rgb8(image), cell)
-            y = top + (cell - fitted.shape[0]) // 2
+    fitted_rows = [[_fit_into_square(_as_rgb8(image), cell) for image in row] for row in rows]
+    row_heights = [max((f.shape[0] for f in row), default=0) for row in fitted_rows]
+    height = gap + sum(h + label_height + gap for h in row_heights)
+    sheet = np.full((height, gap + columns * (cell + gap), 3), SHEET_BACKGROUND, np.uint8)
+    top = gap
+    for row_index, (row, row_height) in enumerate(zip(fitted_rows, row_heights)):
+        for column_index, fitted in enumerate(row):
+            left = gap + column_index * (cell + gap)
+            y = top + (row_height - fitted.shape[0]) // 2
             x = left + (cell - fitted.shape[1]) // 2
             sheet[y : y + fitted.shape[0], x : x + fitted.shape[1]] = fitted
             if labels and row_index < len(labels) and column_index < len(labels[row_index]):
-                _draw_label(sheet, labels[row_index][column_index], left, top + cell, cell, label_height)
+                _draw_label(sheet, labels[row_index][column_index], left, top + row_height, cell, label_height)
+        top += row_height + label_height + gap
     return sheet
 
 
