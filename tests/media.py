@@ -42,3 +42,30 @@ def make_audio_only(folder):
         stream.layout = "stereo"
         write_sine(container, stream, 0.2)
     return folder / "voice.m4a"
+
+
+def make_truncated(name, options=None):
+    """A maker of `name`: 30 h264 frames (a square moving over a gradient) with the last 40 % of the file cut
+    off. `options` are the muxer's (e.g. {"movflags": "faststart"} puts the mp4 index in front)."""
+    def make(folder):
+        whole = folder / ("whole_" + name)
+        y, x = np.mgrid[0:48, 0:64]
+        with av.open(str(whole), "w", options=options or {}) as container:
+            stream = container.add_stream("libx264", rate=25)
+            stream.width, stream.height, stream.pix_fmt = 64, 48, "yuv420p"
+            stream.options = {"x264-params": "log-level=error"}
+            for i in range(30):
+                image = np.stack([x * 4, y * 5, np.full_like(x, i * 23 % 256)], axis=2).astype(np.uint8)
+                image[:12, i * 3 % 52: i * 3 % 52 + 12] = 255
+                frame = av.VideoFrame.from_ndarray(image, format="rgb24")
+                frame.pts = i
+                for packet in stream.encode(frame):
+                    container.mux(packet)
+            for packet in stream.encode():
+                container.mux(packet)
+        data = whole.read_bytes()
+        (folder / name).write_bytes(data[: len(data) * 6 // 10])
+        whole.unlink()
+        return folder / name
+
+    return make

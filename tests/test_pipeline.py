@@ -22,7 +22,7 @@ from models.mambast import MambaST, MambaSTConfig
 from pipeline.runner import (Chunk, ChunkStylizer, StylizeJob, check_job, plan_chunks, run_local, run_preview,
                              spread)
 from pipeline.source import open_source
-from tests.media import AUDIO_RATE, make_audio_only, make_text, make_zero_frames, write_sine
+from tests.media import AUDIO_RATE, make_audio_only, make_text, make_truncated, make_zero_frames, write_sine
 
 BT709_TV = dict(color_range=1, colorspace=1, color_primaries=1, color_trc=1)
 TINY = dict(d_model=32, d_state=4, decoder_channels=[16, 8, 8], n_encoder_layers=1, n_decoder_layers=1)
@@ -326,28 +326,6 @@ def test_encode_error_mid_run_aborts_the_output(tmp_path, weights, style):
     assert sorted(os.listdir(tmp_path)) == before and no_pipeline_threads()
 
 
-def make_truncated(folder):
-    """An .mp4 with its index in front (faststart) and the last 40 % of its frame data cut off."""
-    path = folder / "cut.mp4"
-    y, x = np.mgrid[0:48, 0:64]
-    with av.open(str(path), "w", options={"movflags": "faststart"}) as container:
-        stream = container.add_stream("libx264", rate=25)
-        stream.width, stream.height, stream.pix_fmt = 64, 48, "yuv420p"
-        stream.options = {"x264-params": "log-level=error"}
-        for i in range(30):
-            image = np.stack([x * 4, y * 5, np.full_like(x, i * 23 % 256)], axis=2).astype(np.uint8)
-            image[:12, i * 3 % 52: i * 3 % 52 + 12] = 255  # a square moving over a gradient
-            frame = av.VideoFrame.from_ndarray(image, format="rgb24")
-            frame.pts = i
-            for packet in stream.encode(frame):
-                container.mux(packet)
-        for packet in stream.encode():
-            container.mux(packet)
-    data = path.read_bytes()
-    path.write_bytes(data[: len(data) * 6 // 10])
-    return path
-
-
 def make_good(folder):
     write_clip(folder / "in.mp4", count=4)
     return folder / "in.mp4"
@@ -363,7 +341,7 @@ def not_an_image(folder):
     (make_text, None, "out.mp4", "notes.mp4", "not a readable video"),
     (make_zero_frames, None, "out.mp4", "empty.avi", "no frames"),
     (make_audio_only, None, "out.mp4", "voice.m4a", "not a video .*only audio"),
-    (make_truncated, None, "out.mp4", "cut.mp4", "truncated"),
+    (make_truncated("cut.mp4", {"movflags": "faststart"}), None, "out.mp4", "cut.mp4", "truncated"),
     (corrupt_ffv1, None, "out.mp4", "corrupt.mkv", "cannot decode frame 7"),
     (make_good, not_an_image, "out.mp4", "painting.png", "not a readable image"),
     (make_good, None, "no_such_folder/out.mp4", "out.mp4", "does not exist"),

@@ -18,7 +18,7 @@ from models.errors import UserError
 from pipeline.images import contact_sheet, load_image, save_png
 from pipeline.sink import FrameSink
 from pipeline.source import Frame, open_source
-from tests.media import AUDIO_RATE, make_audio_only, make_text, make_zero_frames, write_sine
+from tests.media import AUDIO_RATE, make_audio_only, make_text, make_truncated, make_zero_frames, write_sine
 
 AAC_FRAME_S = 1024 / AUDIO_RATE
 BT709_TV = dict(color_range=1, colorspace=1, color_primaries=1, color_trc=1)
@@ -520,28 +520,6 @@ def decode_all_first(path, count):
 
 
 # --- Bad input: one clear line naming the file, nothing at the output --------------------------
-
-
-def make_truncated(name, options=None):
-    def make(folder):
-        whole = folder / ("whole_" + name)
-        with av.open(str(whole), "w", options=options or {}) as container:
-            stream = container.add_stream("libx264", rate=25)
-            stream.width, stream.height, stream.pix_fmt = 64, 48, "yuv420p"
-            stream.options = {"x264-params": "log-level=error"}
-            for i in range(30):
-                frame = av.VideoFrame.from_ndarray(pattern(i, 64, 48), format="rgb24")
-                frame.pts = i
-                for packet in stream.encode(frame):
-                    container.mux(packet)
-            for packet in stream.encode():
-                container.mux(packet)
-        data = whole.read_bytes()
-        (folder / name).write_bytes(data[: len(data) * 6 // 10])
-        whole.unlink()
-        return folder / name
-
-    return make
 
 
 def make_empty_folder(folder):
