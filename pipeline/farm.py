@@ -700,26 +700,26 @@ class ChunkWorker:
             os._exit(70)  # a crash mid-chunk: the partial chunk file stays behind under its temporary name
 
     def _source(self, path: str) -> FrameSource:
-        if path not in self._sources:
-            self._sources[path] = open_source(path, backend=DECODER)
-            while len(self._sources) > self.SOURCES_KEPT:
-                self._sources.popitem(last=False)
-        self._sources.move_to_end(path)
-        return self._sources[path]
+        return _least_recently_used(self._sources, path, lambda: open_source(path, backend=DECODER),
+                                    self.SOURCES_KEPT)
 
     def _style(self, spec: str, fps: Fraction):
-        key = (spec, fps)
-        if key not in self._styles:
-            self._styles[key] = parse_style(spec, fps=fps)
-            while len(self._styles) > self.STYLES_KEPT:
-                self._styles.popitem(last=False)
-        self._styles.move_to_end(key)
-        return self._styles[key]
+        return _least_recently_used(self._styles, (spec, fps), lambda: parse_style(spec, fps=fps), self.STYLES_KEPT)
 
     def _codes_for(self, seed: int) -> StyleCodes:
         if seed not in self._codes:
             self._codes[seed] = StyleCodes(self.model, seed=seed)
         return self._codes[seed]
+
+
+def _least_recently_used(cache: OrderedDict, key, make, kept: int):
+    """`cache[key]`, made with `make()` when missing; keeps the `kept` most recently used entries."""
+    if key not in cache:
+        cache[key] = make()
+        while len(cache) > kept:
+            cache.popitem(last=False)
+    cache.move_to_end(key)
+    return cache[key]
 
 
 def chunk_timing(info: VideoInfo, span: ChunkSpan, relative: bool) -> tuple[VideoInfo, int]:
