@@ -259,9 +259,10 @@ class OutputSmoother:
             raise ValueError(f"stylized frame must be H x W x C, got shape {stylized.shape}")
         if self.config.strength == 0:
             return stylized.copy()
-        out = self.blend.step(stylized.astype(np.float32), motion)
+        frame = stylized.astype(np.float32)      # the blend keeps it unchanged as its newest run
+        out = self.blend.step(frame, motion)
         if self.blend.depth > 1:
-            out = restore_detail(out, stylized.astype(np.float32))
+            out = restore_detail(out, frame)
         if stylized.dtype == np.uint8:
             return np.clip(np.rint(out), 0, 255).astype(np.uint8)
         return out
