@@ -139,7 +139,6 @@ class _ChunkedScan(torch.autograd.Function):
             t0, t1 = starts[k], min(starts[k] + CHUNK, length)
             a, x, dt, uu, Bt = _chunk_terms(u, delta, A, B, t0, t1)
             H = _scan_chunk(a, x, boundaries[k])
-            H_prev = torch.cat([boundaries[k].unsqueeze(0), H[:-1]])
             Ct = C[:, :, :, t0:t1].permute(3, 0, 1, 2).contiguous()  # (T, b, G, N)
             gyt = gy[:, :, :, t0:t1].permute(3, 0, 1, 2).contiguous().unsqueeze(-1)  # (T, b, G, c, 1)
             gH = gyt * Ct.unsqueeze(3)  # ∂L/∂h_t through y_t only
@@ -148,15 +147,19 @@ class _ChunkedScan(torch.autograd.Function):
             for t in reversed(range(t1 - t0)):
                 g = torch.addcmul(gH[t], a_next, g, out=G_[t])
                 a_next = a[t]
-            ga = G_ * H_prev * a  # ∂L/∂(Δ A) per (t, d, n)
+            # ∂L/∂(Δ A) per (t, d, n) = g_t h_{t-1} a_t; h_{t-1} is the chunk's boundary state for t = 0
+            ga = G_ * a
+            ga[1:] *= H[:-1]
+            ga[0] *= boundaries[k]
             gA += (ga * dt).sum(dim=(0, 1)).reshape(dim, n)
-            gx = G_  # ∂L/∂x_t
-            gdelta_t = (ga * A.view(groups, c, n)).sum(-1) + (gx * Bt).sum(-1) * uu.squeeze(-1)
-            gu_t = (gx * Bt).sum(-1) * dt.squeeze(-1)
+            # G_ is ∂L/∂x_t with x_t = Δ_t u_t B_t; contractions over N or c are matmuls (no full-size temporaries)
+            gx_B = torch.matmul(G_, Bt.transpose(-1, -2)).squeeze(-1)  # Σ_n g B: (T, b, G, c)
+            gdelta_t = (ga * A.view(groups, c, n)).sum(-1) + gx_B * uu.squeeze(-1)
+            gu_t = gx_B * dt.squeeze(-1)
             gdelta[:, :, t0:t1] = gdelta_t.permute(1, 2, 3, 0).reshape(batch, dim, -1)
             gu[:, :, t0:t1] = gu_t.permute(1, 2, 3, 0).reshape(batch, dim, -1)
-            gB[:, :, :, t0:t1] = (gx * (dt * uu)).sum(3).permute(1, 2, 3, 0)
-            gC[:, :, :, t0:t1] = (gyt * H).sum(3).permute(1, 2, 3, 0)
+            gB[:, :, :, t0:t1] = torch.matmul((dt * uu).transpose(-1, -2), G_).squeeze(3).permute(1, 2, 3, 0)
+            gC[:, :, :, t0:t1] = torch.matmul(gyt.transpose(-1, -2), H).squeeze(3).permute(1, 2, 3, 0)
         return gu, gdelta, gA, gB, gC
 
 
