@@ -1,0 +1,55 @@
+"""`mambast eval quality` (jobs/eval_quality.py) with the bundled weights on held-out-style folders."""
+import json
+import shutil
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from jobs import assets
+from jobs.cli import main
+from jobs.eval_quality import colour_transfer
+
+
+@pytest.fixture(scope="module")
+def data_folder(tmp_path_factory):
+    root = tmp_path_factory.mktemp("quality-data")
+    (root / "content" / "val").mkdir(parents=True)
+    (root / "style" / "val").mkdir(parents=True)
+    for name in ("astronaut", "chelsea"):
+        shutil.copy(assets.skimage_photo(name), root / "content" / "val" / assets.skimage_photo(name).name)
+    shutil.copy(assets.starry_night(), root / "style" / "val" / "starry_night.jpg")
+    return root
+
+
+def test_quality_report_has_baselines_checks_and_a_sheet(data_folder, tmp_path, capsys):
+    sheet = tmp_path / "sheet.png"
+    assert main(["eval", "quality", "--data", str(data_folder), "--sheet", str(sheet)]) == 0
+    out = capsys.readouterr().out.strip().splitlines()
+    summary = json.loads(out[-1])
+
+    assert summary["pairs"] == 2
+    content = summary["content"]
+    assert content["style_meanstd"] == pytest.approx(1.0) and content["content_distance"] == pytest.approx(0.0)
+    # both move towards the painting, the bundled model further (0.46 vs 0.59 when written); blurring only loses
+    assert summary["colour_transfer"]["style_meanstd"] < 1.0
+    assert summary["model"]["style_meanstd"] < summary["colour_transfer"]["style_meanstd"]
+    assert summary["blur_sigma3"]["content_distance"] > 0.5
+    assert 0 < summary["model_identity"]["content_distance"] < summary["blur_sigma3"]["content_distance"] * 3
+    assert set(summary["checks"]) == {"style_halved", "beats_colour_transfer", "content_kept"}
+    assert summary["checks"]["style_halved"] == (summary["model"]["style_meanstd"] <= 0.5)
+    assert any(line.strip().startswith("model_identity") for line in out)
+
+    with Image.open(sheet) as image:
+        assert image.width > 4 * 200 and image.height > 2 * 200  # 2 rows × (content | style | colour | model)
+
+
+def test_colour_transfer_matches_the_style_statistics_in_lab():
+    import cv2
+    rng = np.random.default_rng(0)
+    content = (rng.random((64, 64, 3)) * 120 + 40).astype(np.uint8)
+    style = np.clip(rng.normal((200, 80, 30), 20, (64, 64, 3)), 0, 255).astype(np.uint8)
+    out = colour_transfer(content, style)
+    lab = lambda x: cv2.cvtColor(x, cv2.COLOR_RGB2LAB).reshape(-1, 3).astype(float)
+    assert np.allclose(lab(out).mean(0), lab(style).mean(0), atol=3)
+    assert np.allclose(lab(out).std(0), lab(style).std(0), atol=3)
