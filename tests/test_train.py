@@ -1,6 +1,8 @@
 """The training job: deterministic for a seed, resumable bit for bit, able to start from earlier weights."""
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
@@ -8,8 +10,9 @@ import yaml
 from PIL import Image
 
 from jobs.train import Recipe, Trainer
-from models.checkpoint import load_model
+from models.checkpoint import load_model, model_config
 from models.errors import UserError
+from models.perceptual import load_perceptual
 from tests.tiny_models import TINY
 
 
@@ -70,3 +73,15 @@ def test_a_run_can_start_from_earlier_weights(tmp_path, data):
     wider.model = str(wide_yaml)
     with pytest.raises(UserError, match="does not fit model"):
         Trainer(wider)
+
+
+@pytest.mark.parametrize("path", sorted((Path(__file__).parents[1] / "configs" / "train").glob("*.yaml")),
+                         ids=lambda p: p.name)
+def test_shipped_recipes_load_and_name_their_start(path):
+    recipe = Recipe.load(path)
+    model_config(recipe.model)  # the model variant resolves
+    assert recipe.steps > recipe.warmup and recipe.lr >= recipe.lr_min
+    if recipe.init_from:  # an earlier stage's run folder, or the bundled weights
+        assert recipe.init_from.startswith("runs/") or recipe.init_from == "models/weights", recipe.init_from
+    net = load_perceptual(recipe.perceptual)
+    assert len(recipe.style_tap_weights) in (0, len(net.taps))
