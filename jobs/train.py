@@ -274,27 +274,8 @@ class Trainer:
         save_png(self.out / "samples" / "latest.png", sheet)
 
     def write_loss_plot(self):
-        import matplotlib
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-        if not self.history:
-            return
-        steps = [h["step"] for h in self.history]
-        fig, ax = plt.subplots(figsize=(8, 4.5))
-        for key in ("total", "content", "style", "id_pixel", "id_feature"):
-            vals = np.array([h[key] for h in self.history])
-            k = min(25, len(vals))
-            smooth = np.convolve(vals, np.ones(k) / k, mode="valid")
-            ax.plot(steps[k - 1:], smooth, label=key)
-        ax.set_yscale("log")
-        ax.set_xlabel("step")
-        ax.set_title("training losses (moving average)")
-        ax.legend()
-        fig.tight_layout()
-        tmp = self.out / "losses.tmp.png"
-        fig.savefig(tmp, dpi=100)
-        plt.close(fig)
-        os.replace(tmp, self.out / "losses.png")
+        if self.history:
+            write_loss_plot([(self.out.name, self.history)], self.out / "losses.png")
 
     # --- the loop -----------------------------------------------------------------------------------------
 
@@ -320,6 +301,38 @@ class Trainer:
                     self.write_loss_plot()
         save_model(self.model, self.out / "final", meta={"recipe": _jsonable(asdict(r)), "steps": self.step})
         return self.out / "final"
+
+
+LOSS_KEYS = ("total", "content", "style", "id_pixel", "id_feature")
+
+
+def write_loss_plot(runs: list[tuple[str, list[dict]]], path: Path, window: int = 25) -> None:
+    """Moving averages of the losses of one run, or of chained runs (stages) laid end to end on one step axis."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    fig, ax = plt.subplots(figsize=(9, 4.8))
+    offset = 0
+    for i, (name, history) in enumerate(runs):
+        steps = np.array([h["step"] for h in history]) + offset
+        for colour, key in enumerate(LOSS_KEYS):
+            vals = np.array([h[key] for h in history])
+            k = min(window, len(vals))
+            ax.plot(steps[k - 1:], np.convolve(vals, np.ones(k) / k, mode="valid"), color=f"C{colour}",
+                    label=key if i == 0 else None)
+        if len(runs) > 1:
+            ax.axvline(offset, color="grey", lw=0.8, ls=":")
+            ax.text(offset, 1.0, f" {name}", transform=ax.get_xaxis_transform(), va="top", fontsize=8)
+        offset = int(steps[-1]) if len(steps) else offset
+    ax.set_yscale("log")
+    ax.set_xlabel("step" if len(runs) == 1 else "step (stages chained)")
+    ax.set_title("training losses (moving average)")
+    ax.legend(loc="lower left", fontsize=8)
+    fig.tight_layout()
+    tmp = path.with_name(path.stem + ".tmp.png")
+    fig.savefig(tmp, dpi=100)
+    plt.close(fig)
+    os.replace(tmp, path)
 
 
 def _trained(name: str) -> bool:
@@ -355,6 +368,11 @@ def register(sub):
     p.add_argument("--data", help="override the recipe's data folder")
     p.set_defaults(func=run_train)
 
+    pl = sub.add_parser("plot-losses", help="one loss plot PNG of runs chained as stages (e.g. small, small_stage2)")
+    pl.add_argument("runs", nargs="+", help="run folders, in training order")
+    pl.add_argument("-o", "--output", required=True, help="PNG path")
+    pl.set_defaults(func=run_plot_losses)
+
     e = sub.add_parser("export-weights", help="write a run's model as fp16 safetensors + config for shipping")
     e.add_argument("run", help="run folder (with checkpoint.pt) or weights folder")
     e.add_argument("-o", "--output", required=True)
@@ -366,6 +384,21 @@ def run_train(args) -> int:
     recipe = Recipe.load(args.recipe, steps=args.steps, out=args.out, data=args.data)
     final = Trainer(recipe, resume=args.resume).run()
     print(f"trained {recipe.steps} steps; weights in {final}, samples in {Path(recipe.out) / 'samples'}")
+    return 0
+
+
+def run_plot_losses(args) -> int:
+    runs = []
+    for run in map(Path, args.runs):
+        log = run / "log.jsonl"
+        if not log.is_file():
+            raise UserError(f"{run}: no log.jsonl (not a training run folder)")
+        rows = [json.loads(line) for line in log.read_text().splitlines() if line.strip()]
+        by_step = {row["step"]: row for row in rows}  # a resumed run re-logs the steps after its last checkpoint
+        runs.append((run.name, [by_step[k] for k in sorted(by_step)]))
+    Path(args.output).parent.mkdir(parents=True, exist_ok=True)
+    write_loss_plot(runs, Path(args.output))
+    print(f"wrote {args.output} ({sum(len(h) for _, h in runs)} steps, {len(runs)} run(s))")
     return 0
 
 

@@ -74,6 +74,14 @@ def test_a_run_can_start_from_earlier_weights(tmp_path, data):
     with pytest.raises(UserError, match="does not fit model"):
         Trainer(wider)
 
+    from jobs.cli import main  # chained stages in one loss plot; a folder that is no run is named
+    plot = tmp_path / "chain.png"
+    assert main(["plot-losses", str(tmp_path / "first"), str(tmp_path / "second"), "-o", str(plot)]) == 2
+    assert not plot.exists()
+    assert main(["plot-losses", str(tmp_path / "first"), "-o", str(plot)]) == 0
+    with Image.open(plot) as image:
+        assert image.size == (900, 480)
+
 
 @pytest.mark.parametrize("path", sorted((Path(__file__).parents[1] / "configs" / "train").glob("*.yaml")),
                          ids=lambda p: p.name)
