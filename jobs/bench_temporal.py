@@ -10,8 +10,9 @@ Reported per clip: warping error (Lai et al. 2018, flow on the INPUT with DIS 'm
 different setting from the smoother's 'fast'; pairs across cuts skipped) at distances 1 and 10
 for input, per-frame and smoothed, and the ratio smoothed / per-frame (target ≤ 0.6); drift = mean |smoothed −
 per-frame| in [0, 1] (target ≤ 0.02); style distance to the style image (mean/std of EfficientNet-Lite0
-features, per frame, averaged) for both (target: within 2 %); and the wall time of both runs, whose difference is
-the cost of smoothing (target ≤ 15 % of per-frame stylization). Writes a per-frame warping-error plot per clip.
+features, per frame, averaged) for both (target: within 2 %); and the cost of smoothing: the time spent inside the
+flow and smoothing stages over the per-frame run's time (target ≤ 15 %), with the difference of the two wall
+times beside it (noisier: ±10 points between identical runs here). Writes a per-frame warping-error plot per clip.
 The last line is one JSON object.
 """
 from __future__ import annotations
@@ -49,8 +50,10 @@ def bench_clip(model, name: str, path: str, style: np.ndarray, frames: int, work
     src = open_source(path)
     inputs = [f.image for f in src.frames(max_frames=frames)]
     shape = inputs[0].shape[:2]
-    runs, times = {}, {}
-    # Alternated and repeated, best time of each: one pass of each was seen to swing the cost by ±10 points.
+    runs, times, smoothing = {}, {}, float("inf")
+    # Alternated and repeated, best time of each. The difference of the two totals swings by ±10 points between
+    # identical runs on a shared 2-core machine, so the cost checked is the time measured inside the smoothing
+    # stages (flow, blending) over the per-frame time; the difference of the totals is reported beside it.
     for _ in range(TIMING_REPEATS):
         for label, enabled in (("per_frame", False), ("smoothed", True)):
             config = StylizerConfig(working_size=working_size, seed=0, temporal_enabled=enabled,
@@ -59,6 +62,8 @@ def bench_clip(model, name: str, path: str, style: np.ndarray, frames: int, work
             t = time.perf_counter()
             runs[label] = stylizer(inputs)  # deterministic: every repeat gives the same frames
             times[label] = min(times.get(label, float("inf")), time.perf_counter() - t)
+            if enabled:
+                smoothing = min(smoothing, stylizer.smoothing_seconds)
     result = evaluate_temporal(inputs, runs, drift=("smoothed", "per_frame"))
     plot = plot_dir / f"temporal_{name}.png"
     write_plot(result, str(plot), name)
@@ -75,7 +80,9 @@ def bench_clip(model, name: str, path: str, style: np.ndarray, frames: int, work
     report["style_distance"] = {k: round(v, 5) for k, v in sd.items()}
     report["style_distance_change"] = round(sd["smoothed"] / sd["per_frame"] - 1, 4)
     report["seconds"] = {k: round(v, 2) for k, v in times.items()}
-    report["smoothing_cost"] = round(times["smoothed"] / times["per_frame"] - 1, 4)
+    report["seconds"]["smoothing_stages"] = round(smoothing, 2)
+    report["smoothing_cost"] = round(smoothing / times["per_frame"], 4)
+    report["wall_difference"] = round(times["smoothed"] / times["per_frame"] - 1, 4)
     report["checks"] = {"warp_ratio_le_0.6": report.get("warp_ratio_d1", 1) <= 0.6, "drift_le_0.02": report["drift"] <= 0.02,
                         "style_within_2pct": abs(report["style_distance_change"]) <= 0.02,
                         "cost_le_15pct": report["smoothing_cost"] <= 0.15}
@@ -110,7 +117,7 @@ def _run(args) -> int:
                        args.token_smoothing)
         print(f"  {name}: warp d1 {r['warp_error_d1']}, ratio {r.get('warp_ratio_d1')}, d10 ratio "
               f"{r.get('warp_ratio_d10')}, drift {r['drift']}, style Δ {r['style_distance_change']:+.2%}, "
-              f"smoothing cost {r['smoothing_cost']:+.1%}", flush=True)
+              f"smoothing cost {r['smoothing_cost']:+.1%} (wall difference {r['wall_difference']:+.1%})", flush=True)
         reports.append(r)
     print(json.dumps({"bench": "temporal", "weights": args.weights or "bundled", "clips": reports}))
     return 0

@@ -26,6 +26,7 @@ Everything here is plain Python and works without Ray; pipeline/ray_runner.py wr
 """
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass, field
 
 import cv2
@@ -161,6 +162,7 @@ class ClipStylizer:
         self.motion = MotionEstimator(self.config.temporal) if smooth else None
         self.token_smoother = TokenSmoother(self.config.temporal) if smooth and self.config.token_smoothing else None
         self.output_smoother = OutputSmoother(self.config.temporal) if smooth else None
+        self.smoothing_seconds = 0.0  # time spent in flow and smoothing (benchmarks report it as the smoothing cost)
 
     def reset(self) -> None:
         """Forget the temporal state (a new shot or a new chunk)."""
@@ -217,12 +219,15 @@ class ClipStylizer:
         x_pad, _ = pad_to_multiple(x_full, self.model.cfg.patch_size)
         with torch.no_grad():
             tokens, identity = decoder_tokens(self.model, x_pad, code, self.config.strength)
+            t = time.perf_counter()
             motions = [self.motion.step(f) for f in frames] if self.motion is not None else [None] * len(frames)
             if self.token_smoother is not None:
                 grids = tokens.permute(0, 3, 1, 2)
                 smoothed = [self.token_smoother.step(f, grids[i:i + 1], motion=m)
                             for i, (f, m) in enumerate(zip(small, motions))]
                 tokens = torch.cat(smoothed + [grids[n:]]).permute(0, 2, 3, 1)
+            if self.motion is not None:
+                self.smoothing_seconds += time.perf_counter() - t
             images = self.model.decode_tokens(tokens)[..., :h, :w]
             if identity is not None:
                 images = images + strength_residual(self.model, identity, x_full, self.config.strength)
@@ -237,6 +242,8 @@ class ClipStylizer:
                 stylized = preserve_colors(torch.from_numpy(np.ascontiguousarray(stylized)).permute(2, 0, 1)[None],
                                            image_to_tensor(full))[0].permute(1, 2, 0).numpy()
             if self.output_smoother is not None:
+                t = time.perf_counter()
                 stylized = self.output_smoother.step(full, stylized, motion=m)
+                self.smoothing_seconds += time.perf_counter() - t
             out.append(np.clip(np.rint(stylized * 255.0), 0, 255).astype(np.uint8))
         return out
