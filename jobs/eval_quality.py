@@ -13,8 +13,8 @@ Rows: the model's output; the content image itself (style-distance baseline: 1.0
 colour-statistics transfer (Reinhard et al. 2001: per-channel mean/std in Lab); and, for content distance only,
 the content blurred with a Gaussian of σ = 3 px, the bound below which the content is still recognisable.
 A diagnostic row, `model_identity`, is the model's reconstruction of each content with itself as the style
-(what the identity losses train): no stylization should keep the content better, so when its content distance
-is above the blur's, the content check cannot pass by retraining the recipe alone.
+(what the identity losses train): a stylization is not expected to keep the content better, so while its content
+distance is above the blur's, retuning the style/content weights alone is unlikely to pass the content check.
 
 Pass criteria (issue 3): model mean/std style distance ≤ 0.5 (half the content's), model style distance below the
 colour-transfer baseline's, model content distance below the blurred content's. Writes a contact sheet

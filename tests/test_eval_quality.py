@@ -17,7 +17,8 @@ def data_folder(tmp_path_factory):
     (root / "content" / "val").mkdir(parents=True)
     (root / "style" / "val").mkdir(parents=True)
     for name in ("astronaut", "chelsea"):
-        shutil.copy(assets.skimage_photo(name), root / "content" / "val" / assets.skimage_photo(name).name)
+        photo = assets.skimage_photo(name)
+        shutil.copy(photo, root / "content" / "val" / photo.name)
     shutil.copy(assets.starry_night(), root / "style" / "val" / "starry_night.jpg")
     return root
 

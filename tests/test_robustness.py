@@ -13,7 +13,6 @@ import signal
 import subprocess
 import sys
 import time
-from fractions import Fraction
 from pathlib import Path
 
 import av
@@ -28,6 +27,7 @@ from safetensors.torch import save_file
 from jobs.cli import main
 from models.checkpoint import save_model
 from models.errors import UserError
+from tests.media import write_h264
 from tiny_models import TINY, tiny_model
 
 REPO = Path(__file__).resolve().parent.parent
@@ -53,17 +53,9 @@ def write_clip(path, count=3, size=(32, 24), audio_only=False, video=True):
             for p in sound.encode():
                 container.mux(p)
             return
-        stream = container.add_stream("libx264", rate=Fraction(25))
-        stream.width, stream.height, stream.pix_fmt = width, height, "yuv420p"
-        stream.options = {"x264-params": "log-level=error"}
-        for i in range(count if video else 0):
-            image = cv2.GaussianBlur(rng.integers(0, 256, (height, width, 3), dtype=np.uint8), (0, 0), 2)
-            frame = av.VideoFrame.from_ndarray(image, format="rgb24")
-            frame.pts = i
-            for p in stream.encode(frame):
-                container.mux(p)
-        for p in stream.encode():
-            container.mux(p)
+        images = [cv2.GaussianBlur(rng.integers(0, 256, (height, width, 3), dtype=np.uint8), (0, 0), 2)
+                  for _ in range(count if video else 0)]
+        write_h264(container, images, size=(width, height))
 
 
 @pytest.fixture(scope="module")
