@@ -9,6 +9,11 @@ For every held-out content × style pair (the `val` splits of a `mambast data bu
     Gram:     Σ_taps ‖G(φ(X)) − G(φ(S))‖², normalised the same way
 - content distance to the content C: ‖norm(φ_deep(X)) − norm(φ_deep(C))‖² on the two deepest taps.
 
+The model runs as `mambast stylize` runs it: through `pipeline.Stylizer` (no temporal smoothing) at a working
+size, by default the default preset's (512: the images are enlarged to 512², stylized, and averaged back to 256²,
+as the official test transform `Resize(512)` does). `model_at_256` is the model run at the images' own 256²,
+a diagnostic: its 32×32 token grid is what the working size is for (pipeline/stylizer.py, `working_shape`).
+
 Rows: the model's output; the content image itself (style-distance baseline: 1.0 by construction); a plain
 colour-statistics transfer (Reinhard et al. 2001: per-channel mean/std in Lab); and, for content distance only,
 the content blurred with a Gaussian of σ = 3 px, the bound below which the content is still recognisable.
@@ -32,10 +37,12 @@ import cv2
 import numpy as np
 import torch
 
+from jobs.stylize import read_preset
 from models.checkpoint import load_model
 from models.errors import UserError
 from models.losses import gram, mean_std, normalise
 from models.perceptual import load_perceptual
+from pipeline.api import Stylizer
 from pipeline.images import contact_sheet, load_image, save_png
 
 SIZE = 256
@@ -103,30 +110,31 @@ def held_out_pairs(data: Path, max_contents: int, max_styles: int) -> tuple[list
     return contents, styles
 
 
-def evaluate_quality(model, contents: list[np.ndarray], styles: list[np.ndarray], net_name: str, seed: int = 0):
+def evaluate_quality(model, contents: list[np.ndarray], styles: list[np.ndarray], net_name: str,
+                     working_size: int = SIZE, seed: int = 0):
     """Per-pair distances for each method; returns (rows, sample images for the sheet)."""
     dist = Distances(load_perceptual(net_name))
-    grid = model.token_grid(SIZE, SIZE)
-    device = next(model.parameters()).device
+    stylizers = {"model": Stylizer(model, working_size=working_size, temporal=False, seed=seed)}
+    if working_size not in (0, SIZE):
+        stylizers["model_at_256"] = Stylizer(model, working_size=SIZE, temporal=False, seed=seed)
     c_t = to_tensor(contents)
     fc = dist.features(c_t)
     rows, sheet = [], []
-    for ci in range(len(contents)):
-        own = c_t[ci:ci + 1].to(device)
-        rebuilt = model.stylize(own, model.encode_style(own, grid, seed=seed)).clamp(0, 1).cpu()
-        d = dist.per_tap(to_tensor([_to_u8(rebuilt[0])]), fc, [f[ci:ci + 1] for f in fc])
+    for ci, content in enumerate(contents):
+        stylizers["model"].set_style(content)
+        d = dist.per_tap(to_tensor([stylizers["model"].stylize(content)]), fc, [f[ci:ci + 1] for f in fc])
         rows.append({"method": "model_identity", "style": None, "content": ci, "content_distance": float(d["content"][0])})
     for si, style in enumerate(styles):
-        s_t = to_tensor([style])
-        code = model.encode_style(s_t.to(device), grid, seed=seed)
-        out = model.stylize(c_t.to(device), code).clamp(0, 1).cpu()
-        out_u8 = [_to_u8(o) for o in out]
-        methods = {
-            "model": to_tensor(out_u8),
+        outputs = {}
+        for name, stylizer in stylizers.items():
+            stylizer.set_style(style)
+            outputs[name] = stylizer.stylize(list(contents))
+        methods = {name: to_tensor(out) for name, out in outputs.items()} | {
             "content": c_t,
             "colour_transfer": to_tensor([colour_transfer(c, style) for c in contents]),
             "blur_sigma3": to_tensor([blurred(c) for c in contents]),
         }
+        s_t = to_tensor([style])
         fs = dist.features(s_t.expand(len(contents), -1, -1, -1))
         base = dist.per_tap(c_t, fs, fc)  # the content image's own distance per tap: the normaliser
         for name, x in methods.items():
@@ -137,7 +145,7 @@ def evaluate_quality(model, contents: list[np.ndarray], styles: list[np.ndarray]
                              "style_gram": float((d["gram"][ci] / base["gram"][ci].clamp_min(1e-12)).mean()),
                              "content_distance": float(d["content"][ci])})
         for ci in range(min(2, len(contents))):
-            sheet.append((contents[ci], style, methods["colour_transfer"][ci], out_u8[ci]))
+            sheet.append((contents[ci], style, methods["colour_transfer"][ci], outputs["model"][ci]))
     return rows, sheet
 
 
@@ -165,6 +173,8 @@ def register_quality(metrics) -> None:
     p.add_argument("--weights", help="model weights folder (default: the bundled weights)")
     p.add_argument("--data", default="data/train", help="folder from `mambast data build` (its val splits)")
     p.add_argument("--net", default="efficientnet_lite0", help="perceptual network for the distances")
+    p.add_argument("--working-size", type=int, default=None,
+                   help="short side the model runs at (default: the default preset's, 512; 0 or 256 = the images' 256)")
     p.add_argument("--max-contents", type=int, default=16)
     p.add_argument("--max-styles", type=int, default=8)
     p.add_argument("--sheet", default="out/quality_sheet.png", help="contact sheet PNG")
@@ -181,16 +191,20 @@ def run_quality(args) -> int:
     content_paths, style_paths = held_out_pairs(Path(args.data), args.max_contents, args.max_styles)
     contents = [square(load_image(p)) for p in content_paths]
     styles = [square(load_image(p)) for p in style_paths]
-    rows, sheet = evaluate_quality(model, contents, styles, args.net, seed=args.seed)
+    working_size = read_preset("default")["working_size"] if args.working_size is None else args.working_size
+    rows, sheet = evaluate_quality(model, contents, styles, args.net, working_size=working_size, seed=args.seed)
     summary = summarise(rows)
-    summary.update(pairs=len(contents) * len(styles), size=SIZE, net=args.net, weights=args.weights or "bundled")
+    summary.update(pairs=len(contents) * len(styles), size=SIZE, working_size=working_size, net=args.net,
+                   weights=args.weights or "bundled")
     if any(getattr(args, n) for n in ("inception", "alexnet", "lpips", "vgg19")):
-        summary["paper_metrics"] = _paper_metrics(args, model, contents, styles)
+        summary["paper_metrics"] = _paper_metrics(args, model, contents, styles, working_size)
     Path(args.sheet).parent.mkdir(parents=True, exist_ok=True)
     to_u8 = lambda x: x if isinstance(x, np.ndarray) else _to_u8(x)
     save_png(args.sheet, contact_sheet([[to_u8(x) for x in row] for row in sheet],
                                        labels=[["content", "style", "colour transfer", "Mamba-ST"]] * len(sheet)))
-    for method in ("model", "content", "colour_transfer", "blur_sigma3"):
+    for method in ("model", "model_at_256", "content", "colour_transfer", "blur_sigma3"):
+        if method not in summary:
+            continue
         s = summary[method]
         print(f"  {method:16s} style mean/std {s['style_meanstd']:.3f}  gram {s['style_gram']:.3f}  "
               f"content {s['content_distance']:.3f}")
@@ -202,15 +216,15 @@ def run_quality(args) -> int:
     return 0
 
 
-def _paper_metrics(args, model, contents, styles) -> dict:
+def _paper_metrics(args, model, contents, styles, working_size: int) -> dict:
     from models.paper_metrics import load_paper_metric_nets, paper_metrics
     nets = load_paper_metric_nets(inception=args.inception, alexnet=args.alexnet, lpips_lin=args.lpips,
                                   vgg19=args.vgg19)
-    grid = model.token_grid(SIZE, SIZE)
+    stylizer = Stylizer(model, working_size=working_size, temporal=False, seed=args.seed)
     outs, cs, ss = [], [], []
     for style in styles:
-        code = model.encode_style(to_tensor([style]), grid, seed=args.seed)
-        outs.append(model.stylize(to_tensor(contents), code).clamp(0, 1))
+        stylizer.set_style(style)
+        outs.append(to_tensor(stylizer.stylize(list(contents))))
         cs.append(to_tensor(contents))
         ss.append(to_tensor([style]).expand(len(contents), -1, -1, -1))
     return paper_metrics(torch.cat(cs), torch.cat(ss), torch.cat(outs), nets)

@@ -45,7 +45,7 @@ def register(sub) -> None:
     frames.add_argument("--max-frames", type=int, help="at most this many frames")
     frames.add_argument("--preview", type=int, metavar="N", help="write a contact sheet of N frames instead")
     look = p.add_argument_group("stylization (defaults: the preset, else the values shown)")
-    look.add_argument("--working-size", type=int, help=f"short side the model runs at, 0 = source size "
+    look.add_argument("--working-size", type=int, help=f"short side the model runs at (smaller frames are enlarged to it), 0 = source size "
                                                        f"({DEFAULTS['working_size']})")
     look.add_argument("--temporal-strength", dest="temporal_strength", type=float, metavar="S",
                       help=f"temporal smoothing 0..1, 0 turns it off ({DEFAULTS['temporal_strength']})")

@@ -390,7 +390,7 @@ def test_a_run_spreads_over_the_nodes_and_a_bad_clip_fails_alone(tmp_path, asset
 
     clips = assets / "clips"
     many = [{"clip": str(clips / "b.mp4"), "style": str(assets / "styles" / "wave.png"), "output": "many/{n}.mkv",
-             "settings": {"chunk_frames": 24}}] * 8
+             "settings": {"working_size": 0, "chunk_frames": 24}}] * 8
     job = load_job(write_job(tmp_path, assets, clips=[str(clips / n) for n in ("a.mp4", "broken.mp4", "b.mp4")],
                              items=many))
     work = WorkFolder(job)

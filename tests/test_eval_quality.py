@@ -40,6 +40,8 @@ def test_quality_report_has_baselines_checks_and_a_sheet(data_folder, tmp_path, 
     assert set(summary["checks"]) == {"style_halved", "beats_colour_transfer", "content_kept"}
     assert summary["checks"]["style_halved"] == (summary["model"]["style_meanstd"] <= 0.5)
     assert any(line.strip().startswith("model_identity") for line in out)
+    # the model runs as `mambast stylize` runs it by default: enlarged to the default preset's working size
+    assert summary["working_size"] == 512 and "model_at_256" in summary
 
     with Image.open(sheet) as image:
         assert image.width > 4 * 200 and image.height > 2 * 200  # 2 rows × (content | style | colour | model)

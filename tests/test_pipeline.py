@@ -137,7 +137,9 @@ def comment(path):
 
 
 def job(clip, style, output, weights, **settings):
-    return StylizeJob(input=str(clip), style=style, output=str(output), weights=weights, **settings)
+    """A job on the tiny test clips, run at their own size unless asked (the default 512 would enlarge them ~100×)."""
+    return StylizeJob(input=str(clip), style=style, output=str(output), weights=weights,
+                      **{"working_size": 0} | settings)
 
 
 def no_pipeline_threads():

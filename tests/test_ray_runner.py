@@ -119,6 +119,6 @@ def test_cli_runs_on_ray_when_asked(cluster, tmp_path, capsys, weights, style):
     clip = tmp_path / "in.mp4"
     write_clip(clip, count=6)
     code = main(["stylize", str(clip), "--style", style, "-o", str(tmp_path / "out.mp4"), "--weights", weights,
-                 "--runner", "ray", "--chunk-frames", "4"])
+                 "--runner", "ray", "--chunk-frames", "4", "--working-size", "0"])
     assert code == 0 and probe(tmp_path / "out.mp4").num_frames == 6
     assert re.search(r"6 frames .*\(ray runner", capsys.readouterr().out)
