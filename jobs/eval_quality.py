@@ -129,9 +129,10 @@ def evaluate_quality(model, contents: list[np.ndarray], styles: list[np.ndarray]
         for name, stylizer in stylizers.items():
             stylizer.set_style(style)
             outputs[name] = stylizer.stylize(list(contents))
+        transferred = [colour_transfer(c, style) for c in contents]
         methods = {name: to_tensor(out) for name, out in outputs.items()} | {
             "content": c_t,
-            "colour_transfer": to_tensor([colour_transfer(c, style) for c in contents]),
+            "colour_transfer": to_tensor(transferred),
             "blur_sigma3": to_tensor([blurred(c) for c in contents]),
         }
         s_t = to_tensor([style])
@@ -145,12 +146,8 @@ def evaluate_quality(model, contents: list[np.ndarray], styles: list[np.ndarray]
                              "style_gram": float((d["gram"][ci] / base["gram"][ci].clamp_min(1e-12)).mean()),
                              "content_distance": float(d["content"][ci])})
         for ci in range(min(2, len(contents))):
-            sheet.append((contents[ci], style, methods["colour_transfer"][ci], outputs["model"][ci]))
+            sheet.append([contents[ci], style, transferred[ci], outputs["model"][ci]])
     return rows, sheet
-
-
-def _to_u8(image: torch.Tensor) -> np.ndarray:
-    return (image.permute(1, 2, 0).numpy() * 255).round().astype(np.uint8)
 
 
 def summarise(rows: list[dict]) -> dict:
@@ -199,8 +196,7 @@ def run_quality(args) -> int:
     if any(getattr(args, n) for n in ("inception", "alexnet", "lpips", "vgg19")):
         summary["paper_metrics"] = _paper_metrics(args, model, contents, styles, working_size)
     Path(args.sheet).parent.mkdir(parents=True, exist_ok=True)
-    to_u8 = lambda x: x if isinstance(x, np.ndarray) else _to_u8(x)
-    save_png(args.sheet, contact_sheet([[to_u8(x) for x in row] for row in sheet],
+    save_png(args.sheet, contact_sheet(sheet,
                                        labels=[["content", "style", "colour transfer", "Mamba-ST"]] * len(sheet)))
     for method in ("model", "model_at_256", "content", "colour_transfer", "blur_sigma3"):
         if method not in summary:
