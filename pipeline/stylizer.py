@@ -79,8 +79,8 @@ def working_shape(height: int, width: int, working_size: int) -> tuple[int, int]
     Frames smaller than the working size are enlarged to it, as the official test transform does (`Resize(512)`):
     the model sees the world in 8-pixel patches, so its strokes and the detail it keeps are counted in working
     pixels. A 256² image run at 256² is 32×32 tokens and loses its content to blocky strokes (`mambast eval
-    quality --working-size 256`, bundled weights: content distance 2.07, worse than a σ = 3 blur's 1.57); run at
-    512² and averaged back down it keeps it (1.45). The price is the model's time for the larger frame.
+    quality --working-size 256`, bundled weights: content distance 2.14, worse than a σ = 3 blur's 1.57); run at
+    512² and averaged back down it keeps it (1.54). The price is the model's time for the larger frame.
     """
     short = min(height, width)
     if working_size <= 0 or working_size == short:
