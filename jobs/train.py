@@ -44,6 +44,8 @@ class Recipe:
     batch_size: int = 4
     crop: int = 128                      # training crop (the model is resolution-free: no positional tables)
     scale_range: tuple[float, float] = (1.0, 2.0)  # short side resized to crop × U(range) before cropping
+    style_hue_jitter: float = 0.0        # share of style crops with hues turned at random (rotate_hues); off in
+                                         # the shipped chain: measured, models/weights/MODEL_CARD.md
     lr: float = 5e-4
     lr_min: float = 5e-5                 # cosine decay to this
     warmup: int = 100
@@ -75,6 +77,8 @@ class Recipe:
             recipe = cls(**raw)
         except TypeError as e:
             raise UserError(f"{path}: {e}") from None
+        if not 0.0 <= float(recipe.style_hue_jitter) <= 1.0:
+            raise UserError(f"{path}: style_hue_jitter must be in [0, 1], got {recipe.style_hue_jitter!r}")
         for name in ("steps", "batch_size", "crop"):
             if not isinstance(getattr(recipe, name), int) or getattr(recipe, name) <= 0:
                 raise UserError(f"{path}: {name} must be a positive integer, got {getattr(recipe, name)!r}")
@@ -88,6 +92,22 @@ class Recipe:
 
 def image_files(folder: Path) -> list[Path]:
     return sorted(p for p in folder.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
+
+
+# RGB -> YIQ (NTSC): Y is the luma, (I, Q) the chroma plane whose angle is the hue.
+_RGB_TO_YIQ = torch.tensor([[0.299, 0.587, 0.114], [0.596, -0.274, -0.322], [0.211, -0.523, 0.312]])
+
+
+def rotate_hues(img: torch.Tensor, angle: float) -> torch.Tensor:
+    """(3, H, W) in [0,1] with every hue turned by `angle` radians: the chroma plane of YIQ rotated, luma kept.
+
+    Nineteen training paintings are nineteen palettes; a held-out painting's palette is new. Turning the hues of
+    some style crops shows the model paintings whose brushwork it knows in colours it has not seen.
+    """
+    c, s = math.cos(angle), math.sin(angle)
+    turn = torch.tensor([[1.0, 0.0, 0.0], [0.0, c, -s], [0.0, s, c]])
+    m = torch.linalg.inv(_RGB_TO_YIQ) @ turn @ _RGB_TO_YIQ
+    return torch.einsum("ij,jhw->ihw", m, img).clamp(0, 1)
 
 
 class ImagePool:
@@ -111,8 +131,9 @@ class ImagePool:
     def __len__(self):
         return len(self.images)
 
-    def sample(self, n: int, crop: int, scale_range, g: torch.Generator) -> torch.Tensor:
-        """n random crops (n, 3, crop, crop) in [0,1]: random image, random scale, random position, random flip."""
+    def sample(self, n: int, crop: int, scale_range, g: torch.Generator, hue_jitter: float = 0.0) -> torch.Tensor:
+        """n random crops (n, 3, crop, crop) in [0,1]: random image, random scale, random position, random flip;
+        with `hue_jitter` > 0, that share of them with hues turned by a uniform random angle (`rotate_hues`)."""
         out = []
         for _ in range(n):
             img = self.images[int(torch.randint(len(self.images), (1,), generator=g))].float() / 255
@@ -127,6 +148,10 @@ class ImagePool:
             img = img[:, y:y + crop, x:x + crop]
             if float(torch.rand(1, generator=g)) < 0.5:
                 img = img.flip(-1)
+            if hue_jitter > 0:  # no draws otherwise: recipes without it repeat bit for bit
+                turn, angle = torch.rand(2, generator=g).tolist()
+                if turn < hue_jitter:
+                    img = rotate_hues(img, 2 * math.pi * angle)
             out.append(img)
         return torch.stack(out)
 
@@ -248,7 +273,7 @@ class Trainer:
     def train_step(self) -> dict[str, float]:
         r = self.recipe
         content = self.content.sample(r.batch_size, r.crop, r.scale_range, self.gen).to(self.device)
-        style = self.style.sample(r.batch_size, r.crop, r.scale_range, self.gen).to(self.device)
+        style = self.style.sample(r.batch_size, r.crop, r.scale_range, self.gen, r.style_hue_jitter).to(self.device)
         for group in self.opt.param_groups:
             group["lr"] = self.lr_at(self.step)
         losses = self.losses(content, style)

@@ -9,7 +9,9 @@ import torch
 import yaml
 from PIL import Image
 
-from jobs.train import Recipe, Trainer
+import math
+
+from jobs.train import _RGB_TO_YIQ, ImagePool, Recipe, Trainer, rotate_hues
 from models.checkpoint import load_model, model_config
 from models.errors import UserError
 from models.perceptual import load_perceptual
@@ -81,6 +83,37 @@ def test_a_run_can_start_from_earlier_weights(tmp_path, data):
     assert main(["plot-losses", str(tmp_path / "first"), "-o", str(plot)]) == 0
     with Image.open(plot) as image:
         assert image.size == (900, 480)
+
+
+def test_hue_rotation_keeps_luma_and_turns_hues():
+    g = torch.Generator().manual_seed(0)
+    img = 0.35 + 0.3 * torch.rand(3, 8, 8, generator=g)  # muted colours: no turn leaves the RGB cube
+    assert torch.allclose(rotate_hues(img, 0.0), img, atol=1e-6)
+    assert torch.allclose(rotate_hues(img, 2 * math.pi), img, atol=1e-5)
+    luma = _RGB_TO_YIQ[0]
+    for angle in (0.7, math.pi, 4.0):
+        turned = rotate_hues(img, angle)
+        assert torch.allclose(torch.einsum("c,chw->hw", luma, turned), torch.einsum("c,chw->hw", luma, img), atol=1e-5)
+        assert not torch.allclose(turned, img, atol=1e-2)
+    red = torch.tensor([0.6, 0.3, 0.3]).view(3, 1, 1)
+    r, gr, b = rotate_hues(red, math.pi).flatten().tolist()
+    assert gr > r and b > r  # half a turn: red becomes cyan
+
+
+def test_hue_jitter_turns_style_crops_and_keeps_their_geometry(tmp_path, data):
+    pool = ImagePool(data / "style" / "train", 96)
+    plain = pool.sample(1, 64, (1.0, 1.2), torch.Generator().manual_seed(3))
+    turned = pool.sample(1, 64, (1.0, 1.2), torch.Generator().manual_seed(3), hue_jitter=1.0)
+    luma = _RGB_TO_YIQ[0].view(1, 3, 1, 1)
+    assert not torch.allclose(plain, turned, atol=1e-2)
+    # the same crop (same draws before the turn), its luma kept wherever no channel was clipped
+    inside = ((turned > 0) & (turned < 1)).all(1)
+    assert inside.float().mean() > 0.5
+    assert torch.allclose((plain * luma).sum(1)[inside], (turned * luma).sum(1)[inside], atol=1e-4)
+    with pytest.raises(UserError, match="style_hue_jitter"):
+        bad = tmp_path / "bad.yaml"
+        bad.write_text(yaml.safe_dump({"style_hue_jitter": 1.5}))
+        Recipe.load(bad)
 
 
 @pytest.mark.parametrize("path", sorted((Path(__file__).parents[1] / "configs" / "train").glob("*.yaml")),
