@@ -77,7 +77,8 @@ class Recipe:
             recipe = cls(**raw)
         except TypeError as e:
             raise UserError(f"{path}: {e}") from None
-        if not 0.0 <= float(recipe.style_hue_jitter) <= 1.0:
+        jitter = recipe.style_hue_jitter
+        if isinstance(jitter, bool) or not isinstance(jitter, (int, float)) or not 0.0 <= jitter <= 1.0:
             raise UserError(f"{path}: style_hue_jitter must be in [0, 1], got {recipe.style_hue_jitter!r}")
         for name in ("steps", "batch_size", "crop"):
             if not isinstance(getattr(recipe, name), int) or getattr(recipe, name) <= 0:
@@ -96,6 +97,7 @@ def image_files(folder: Path) -> list[Path]:
 
 # RGB -> YIQ (NTSC): Y is the luma, (I, Q) the chroma plane whose angle is the hue.
 _RGB_TO_YIQ = torch.tensor([[0.299, 0.587, 0.114], [0.596, -0.274, -0.322], [0.211, -0.523, 0.312]])
+_YIQ_TO_RGB = torch.linalg.inv(_RGB_TO_YIQ)
 
 
 def rotate_hues(img: torch.Tensor, angle: float) -> torch.Tensor:
@@ -106,7 +108,7 @@ def rotate_hues(img: torch.Tensor, angle: float) -> torch.Tensor:
     """
     c, s = math.cos(angle), math.sin(angle)
     turn = torch.tensor([[1.0, 0.0, 0.0], [0.0, c, -s], [0.0, s, c]])
-    m = torch.linalg.inv(_RGB_TO_YIQ) @ turn @ _RGB_TO_YIQ
+    m = _YIQ_TO_RGB @ turn @ _RGB_TO_YIQ
     return torch.einsum("ij,jhw->ihw", m, img).clamp(0, 1)
 
 

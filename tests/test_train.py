@@ -1,6 +1,7 @@
 """The training job: deterministic for a seed, resumable bit for bit, able to start from earlier weights."""
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 import numpy as np
@@ -8,8 +9,6 @@ import pytest
 import torch
 import yaml
 from PIL import Image
-
-import math
 
 from jobs.train import _RGB_TO_YIQ, ImagePool, Recipe, Trainer, rotate_hues
 from models.checkpoint import load_model, model_config
@@ -110,10 +109,11 @@ def test_hue_jitter_turns_style_crops_and_keeps_their_geometry(tmp_path, data):
     inside = ((turned > 0) & (turned < 1)).all(1)
     assert inside.float().mean() > 0.5
     assert torch.allclose((plain * luma).sum(1)[inside], (turned * luma).sum(1)[inside], atol=1e-4)
-    with pytest.raises(UserError, match="style_hue_jitter"):
-        bad = tmp_path / "bad.yaml"
-        bad.write_text(yaml.safe_dump({"style_hue_jitter": 1.5}))
-        Recipe.load(bad)
+    bad = tmp_path / "bad.yaml"
+    for value in (1.5, "half"):
+        bad.write_text(yaml.safe_dump({"style_hue_jitter": value}))
+        with pytest.raises(UserError, match="style_hue_jitter"):
+            Recipe.load(bad)
 
 
 @pytest.mark.parametrize("path", sorted((Path(__file__).parents[1] / "configs" / "train").glob("*.yaml")),
