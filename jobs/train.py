@@ -58,6 +58,9 @@ class Recipe:
     perceptual_weights: str | None = None  # only for 'vgg'
     perceptual_smooth: bool = False
     perceptual_temperature: float = 1.0
+    second_style_net: str | None = None  # a second perceptual net that adds one more style loss (e.g. 'vgg19')
+    weight_second_style: float = 0.0
+    second_style_tap_weights: list[float] = field(default_factory=list)  # per tap of that net; empty = all 1
     init: str = "mamba"                  # 'mamba' or 'official' (xavier everywhere, as the paper's code)
     init_from: str | None = None         # weights folder (e.g. an earlier run's final/) to start from instead
     seed: int = 777
@@ -187,6 +190,10 @@ class Trainer:
         self.model.train()
         self.net = load_perceptual(r.perceptual, r.perceptual_weights, smooth=r.perceptual_smooth,
                                    temperature=r.perceptual_temperature).to(self.device)
+        # Style statistics of one net generalise poorly to paintings it did not see in training; a second net's
+        # statistics are a second opinion (measured: models/weights/MODEL_CARD.md). Content and identity stay
+        # on the first net.
+        self.second_net = load_perceptual(r.second_style_net).to(self.device) if r.second_style_net else None
         params = [p for n, p in self.model.named_parameters() if _trained(n)]
         self.opt = torch.optim.Adam(params, lr=r.lr)
         self.gen = torch.Generator().manual_seed(r.seed)
@@ -270,7 +277,13 @@ class Trainer:
         l_id1, l_id2 = identity_losses(icc, content, iss, style, f_cc, f_c, f_ss, f_s)
         total = (r.weight_content * l_c + r.weight_style * l_s + r.weight_identity_pixel * l_id1
                  + r.weight_identity_feature * l_id2)
-        return {"total": total, "content": l_c, "style": l_s, "id_pixel": l_id1, "id_feature": l_id2}
+        losses = {"content": l_c, "style": l_s, "id_pixel": l_id1, "id_feature": l_id2}
+        if self.second_net is not None:
+            g_cs, g_s = self.second_net.features(ics), self.second_net.features(style)
+            tap_w2 = r.second_style_tap_weights or [1.0] * len(g_s)
+            losses["style_second"] = sum(w * style_loss([a], [b]) for w, a, b in zip(tap_w2, g_cs, g_s))
+            total = total + r.weight_second_style * losses["style_second"]
+        return {"total": total, **losses}
 
     def train_step(self) -> dict[str, float]:
         r = self.recipe
@@ -330,7 +343,8 @@ class Trainer:
         return self.out / "final"
 
 
-LOSS_KEYS = ("total", "content", "style", "id_pixel", "id_feature")
+# "style_second" only in runs whose recipe names a second style net
+LOSS_KEYS = ("total", "content", "style", "id_pixel", "id_feature", "style_second")
 
 
 def write_loss_plot(runs: list[tuple[str, list[dict]]], path: Path, window: int = 25) -> None:
@@ -340,13 +354,17 @@ def write_loss_plot(runs: list[tuple[str, list[dict]]], path: Path, window: int 
     import matplotlib.pyplot as plt
     fig, ax = plt.subplots(figsize=(9, 4.8))
     offset = 0
-    for i, (name, history) in enumerate(runs):
+    labelled: set[str] = set()
+    for name, history in runs:
         steps = np.array([h["step"] for h in history]) + offset
         for colour, key in enumerate(LOSS_KEYS):
+            if not history or key not in history[0]:
+                continue
             vals = np.array([h[key] for h in history])
             k = min(window, len(vals))
             ax.plot(steps[k - 1:], np.convolve(vals, np.ones(k) / k, mode="valid"), color=f"C{colour}",
-                    label=key if i == 0 else None)
+                    label=None if key in labelled else key)
+            labelled.add(key)
         if len(runs) > 1:
             ax.axvline(offset, color="grey", lw=0.8, ls=":")
             ax.text(offset, 1.0, f" {name}", transform=ax.get_xaxis_transform(), va="top", fontsize=8)

