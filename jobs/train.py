@@ -190,10 +190,14 @@ class Trainer:
         self.model.train()
         self.net = load_perceptual(r.perceptual, r.perceptual_weights, smooth=r.perceptual_smooth,
                                    temperature=r.perceptual_temperature).to(self.device)
-        # Style statistics of one net generalise poorly to paintings it did not see in training; a second net's
-        # statistics are a second opinion (measured: models/weights/MODEL_CARD.md). Content and identity stay
-        # on the first net.
+        # An optional second opinion on style from another net's statistics (content and identity stay on the
+        # first net). Measured for the bundled weights and not used there: models/weights/MODEL_CARD.md.
         self.second_net = load_perceptual(r.second_style_net).to(self.device) if r.second_style_net else None
+        for key, net in (("style_tap_weights", self.net), ("second_style_tap_weights", self.second_net)):
+            weights = getattr(r, key)
+            if net is not None and weights and len(weights) != len(net.taps):
+                raise UserError(f"recipe: {key} has {len(weights)} entries; {type(net).__name__} has "
+                                f"{len(net.taps)} taps ({', '.join(net.taps)})")
         params = [p for n, p in self.model.named_parameters() if _trained(n)]
         self.opt = torch.optim.Adam(params, lr=r.lr)
         self.gen = torch.Generator().manual_seed(r.seed)

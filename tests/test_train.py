@@ -134,6 +134,9 @@ def test_a_second_style_net_adds_its_own_style_loss(tmp_path, data):
     b["style_second"].backward()  # the second net's loss trains the model, not the net
     assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in both.model.parameters())
     assert not any(p.requires_grad for p in both.second_net.parameters())
+    with pytest.raises(UserError, match="second_style_tap_weights has 2 entries; VGG19Caffe has 5 taps"):
+        Trainer(tiny_recipe(tmp_path, data, "short", second_style_net="vgg19", weight_second_style=1.0,
+                            second_style_tap_weights=[1.0, 1.0]))
 
 
 @pytest.mark.parametrize("path", sorted((Path(__file__).parents[1] / "configs" / "train").glob("*.yaml")),
