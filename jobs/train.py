@@ -275,17 +275,15 @@ class Trainer:
         iss = m(style, style, perms=self._perms(L))
         f_c, f_s = net.features(content), net.features(style)
         f_cs, f_cc, f_ss = net.features(ics), net.features(icc), net.features(iss)
-        tap_w = r.style_tap_weights or [1.0] * len(f_s)
         l_c = content_loss(f_cs, f_c, net.content_taps)
-        l_s = sum(w * style_loss([a], [b]) for w, a, b in zip(tap_w, f_cs, f_s))
+        l_s = weighted_style_loss(f_cs, f_s, r.style_tap_weights)
         l_id1, l_id2 = identity_losses(icc, content, iss, style, f_cc, f_c, f_ss, f_s)
         total = (r.weight_content * l_c + r.weight_style * l_s + r.weight_identity_pixel * l_id1
                  + r.weight_identity_feature * l_id2)
         losses = {"content": l_c, "style": l_s, "id_pixel": l_id1, "id_feature": l_id2}
         if self.second_net is not None:
             g_cs, g_s = self.second_net.features(ics), self.second_net.features(style)
-            tap_w2 = r.second_style_tap_weights or [1.0] * len(g_s)
-            losses["style_second"] = sum(w * style_loss([a], [b]) for w, a, b in zip(tap_w2, g_cs, g_s))
+            losses["style_second"] = weighted_style_loss(g_cs, g_s, r.second_style_tap_weights)
             total = total + r.weight_second_style * losses["style_second"]
         return {"total": total, **losses}
 
@@ -345,6 +343,12 @@ class Trainer:
                     self.write_loss_plot()
         save_model(self.model, self.out / "final", meta={"recipe": _jsonable(asdict(r)), "steps": self.step})
         return self.out / "final"
+
+
+def weighted_style_loss(feats_out, feats_style, tap_weights: list[float]) -> torch.Tensor:
+    """Σ_i w_i · L_s(tap i): the style loss with a weight per tap (an empty list weights every tap 1)."""
+    weights = tap_weights or [1.0] * len(feats_style)
+    return sum(w * style_loss([a], [b]) for w, a, b in zip(weights, feats_out, feats_style))
 
 
 # "style_second" only in runs whose recipe names a second style net

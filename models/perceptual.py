@@ -420,7 +420,7 @@ class VGG19Caffe(PerceptualNet):
         q = read_state_dict(path)
         state = {}
         try:
-            for name, conv in self.backbone.named_children():
+            for name, _ in self.backbone.named_children():
                 state[f"{name}.weight"] = q[f"{name}_W_table"][q[f"{name}_W_q"].long()]
                 state[f"{name}.bias"] = q[f"{name}_b"]
         except KeyError as e:

