@@ -122,3 +122,31 @@ def test_cli_runs_on_ray_when_asked(cluster, tmp_path, capsys, weights, style):
                  "--runner", "ray", "--chunk-frames", "4", "--working-size", "0"])
     assert code == 0 and probe(tmp_path / "out.mp4").num_frames == 6
     assert re.search(r"6 frames .*\(ray runner", capsys.readouterr().out)
+
+
+def test_stylize_local_stylize_ray_and_batch_give_the_same_frames(cluster, tmp_path, weights, style):
+    """The three ways to render a clip agree bit for bit: one piece in this process, chunks on Ray actors, and
+    a batch job (chunks at shot cuts, encoded to chunk files, joined by stream copy). FFV1 is lossless."""
+    import yaml
+
+    from pipeline.farm import load_job
+    from pipeline.farm_ray import run_job
+
+    clip = tmp_path / "in.mp4"
+    write_clip(clip, count=14, audio=True)
+    settings = dict(codec="ffv1", style_strength=0.6, seed=3)
+    run_local(job(clip, style, tmp_path / "local.mkv", weights, **settings), progress=False)
+    run_ray(job(clip, style, tmp_path / "ray.mkv", weights, chunk_frames=5, **settings), num_stylizers=2,
+            progress=False)
+    job_file = tmp_path / "job.yaml"
+    job_file.write_text(yaml.safe_dump({"output_dir": "batch", "output": "{clip}.mkv", "weights": weights,
+                                        "clips": [str(clip)], "styles": [style],
+                                        "settings": {"working_size": 0, "chunk_frames": 4, **settings}}))
+    reports = run_job(load_job(job_file), workers=2, progress=False)
+    assert [r.status for r in reports] == ["done"]
+
+    local = np.stack(decode(tmp_path / "local.mkv"))
+    assert len(local) == 14
+    for other in ("ray.mkv", "batch/in.mkv"):
+        assert np.array_equal(np.stack(decode(tmp_path / other)), local), other
+        assert probe(tmp_path / other).pts == probe(tmp_path / "local.mkv").pts
