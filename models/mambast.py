@@ -397,26 +397,54 @@ class MambaST(nn.Module):
         return StyleCode(grid=(h, w), seed=seed, tokens=tokens, perms=perms, layers=layers)
 
     @torch.no_grad()
-    def stylize_tokens(self, frames: torch.Tensor, style: StyleCode) -> torch.Tensor:
-        """Padded frames (B, 3, 8h, 8w) -> decoder tokens (B, h, w, d): only the content-dependent work."""
-        c = self.mamba.encoder_c(self.embedding(frames))
-        if tuple(c.shape[1:3]) != tuple(style.grid):
-            raise ValueError(f"frames give token grid {tuple(c.shape[1:3])}, style code was made for {style.grid}")
+    def stylize_tokens(self, frames: torch.Tensor, style: StyleCode,
+                       strength: float = 1.0) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Padded frames (B, 3, 8h, 8w) -> (decoder tokens, identity tokens or None), each (B, h, w, d).
+
+        Only the content-dependent work: the content encoder, then every MSTD layer reads the cached style states
+        out with the frame's own C_t. With `strength` < 1 the identity pass runs too (the frame as its own style:
+        Y_cc, which training makes decode back to the frame) and the tokens are lerp(Y_cc, Y_cs, strength);
+        models/style_controls.py explains the arithmetic. At strength 1 the identity tokens are None.
+        """
+        if not 0.0 <= strength <= 1.0:
+            raise ValueError(f"strength must be in [0, 1], got {strength}")
+        embedded = self.embedding(frames)
+        content = self.mamba.encoder_c(embedded)  # (B, h, w, d)
+        if tuple(content.shape[1:3]) != tuple(style.grid):
+            raise ValueError(f"frames give token grid {tuple(content.shape[1:3])}, style code was made for {style.grid}")
+        y = content
         for layer, code in zip(self.mamba.decoder.layers, style.layers):
-            c = layer.forward_cached(c, code)
-        return self.mamba.decoder.norm(c)
+            y = layer.forward_cached(y, code)
+        stylized = self.mamba.decoder.norm(y)
+        if strength == 1.0:
+            return stylized, None
+        if self.training:
+            raise ValueError("strength < 1 runs the identity pass: call model.eval() first")
+        own_style = self.mamba.encoder_s(embedded)
+        identity = self.mamba.decoder(content, own_style, [p.to(frames.device) for p in style.perms])
+        return torch.lerp(identity, stylized, strength), identity
 
     @torch.no_grad()
-    def stylize(self, frames: torch.Tensor, style: StyleCode, token_hook=None) -> torch.Tensor:
-        """frames (B, 3, H, W) in [0,1] -> stylized (B, 3, H, W), unclamped.
+    def decode_stylized(self, tokens: torch.Tensor, identity: torch.Tensor | None, content: torch.Tensor,
+                        strength: float = 1.0) -> torch.Tensor:
+        """`stylize_tokens`' output -> images (B, 3, H, W) the size of the unpadded `content`, unclamped.
 
-        `token_hook(tokens) -> tokens` may edit the decoder tokens before the CNN decoder (temporal smoothing).
+        With identity tokens, (1 - strength)·(content - D(Y_cc)) is added: what the CNN decoder loses of the
+        content, fading with the strength, so that strength 0 gives the content back whatever the weights.
         """
-        x, (H, W) = pad_to_multiple(frames, self.cfg.patch_size)
-        y = self.stylize_tokens(x, style)
-        if token_hook is not None:
-            y = token_hook(y)
-        return self.decode_tokens(y)[..., :H, :W]
+        H, W = content.shape[-2:]
+        images = self.decode_tokens(tokens)[..., :H, :W]
+        if identity is not None:
+            images = images + (1.0 - strength) * (content - self.decode_tokens(identity)[..., :H, :W])
+        return images
+
+    @torch.no_grad()
+    def stylize(self, frames: torch.Tensor, style: StyleCode, strength: float = 1.0) -> torch.Tensor:
+        """frames (B, 3, H, W) in [0,1] -> stylized (B, 3, H, W), unclamped. The one inference path: pad,
+        `stylize_tokens`, `decode_stylized` (pipeline/stylizer.py calls the two itself, smoothing tokens between)."""
+        x, _ = pad_to_multiple(frames, self.cfg.patch_size)
+        tokens, identity = self.stylize_tokens(x, style, strength)
+        return self.decode_stylized(tokens, identity, frames, strength)
 
     def scan_backend(self, device=None) -> str:
         return resolve_backend(self.cfg.scan_backend, device or next(self.parameters()).device)

@@ -15,7 +15,8 @@ than a double exposure of two images. The second adds back, fading with s, exact
 to reconstruct of the content (its residual Ic - Icc, small for trained weights). Together: s = 0 returns Ic
 (up to float rounding, whatever the weights) and s = 1 is the plain stylization bit for bit (the identity pass
 is skipped). Cost: for 0 < s < 1 the identity pass (style encoder + a full MSTD scan on the frame) and a second
-CNN decode, about twice a plain frame.
+CNN decode, about twice a plain frame. The passes are the model's (`MambaST.stylize_tokens` returns the lerped
+tokens and Y_cc, `MambaST.decode_stylized` adds the residual); this module checks the strength.
 
 Colour preservation: luminance-only transfer (Gatys et al. 2016, "Preserving colour in neural artistic style
 transfer"): the stylized luma, its mean and std matched to the content's, with the content's chroma (YCbCr,
@@ -48,7 +49,7 @@ import torch
 from torch import Tensor
 
 from models.errors import UserError
-from models.mambast import MambaST, StyleCode, StyleLayerCode, pad_to_multiple
+from models.mambast import MambaST, StyleCode, StyleLayerCode
 
 # BT.601 full-range RGB <-> YCbCr (chroma centred on 0 here; JPEG adds 0.5).
 _RGB_TO_YCC = torch.tensor([[0.299, 0.587, 0.114],
@@ -71,60 +72,6 @@ def check_strength(strength: float) -> float:
     if not 0.0 <= s <= 1.0:
         raise UserError(f"strength: must be from 0 (the content) to 1 (full style), got {strength!r}")
     return s
-
-
-@torch.no_grad()
-def decoder_tokens(model: MambaST, frames: Tensor, code: StyleCode,
-                   strength: float = 1.0) -> tuple[Tensor, Tensor | None]:
-    """Padded frames (B, 3, 8h, 8w) -> (lerp(Y_cc, Y_cs, strength), Y_cc or None when strength == 1).
-
-    The content encoder runs once for both passes. Tokens are (B, h, w, d), ready for `model.decode_tokens`.
-    The model must be in eval mode (the identity pass uses the plain MSTD, whose drop-path trains).
-    """
-    s = check_strength(strength)
-    emb = model.embedding(frames)
-    content = model.mamba.encoder_c(emb)  # (B, h, w, d)
-    if tuple(content.shape[1:3]) != tuple(code.grid):
-        raise ValueError(f"frames give token grid {tuple(content.shape[1:3])}, style code was made for {code.grid}")
-    y = content
-    for layer, layer_code in zip(model.mamba.decoder.layers, code.layers):  # as MambaST.stylize_tokens
-        y = layer.forward_cached(y, layer_code)
-    stylized = model.mamba.decoder.norm(y)
-    if s == 1.0:
-        return stylized, None
-    if model.training:
-        raise ValueError("strength < 1 runs the identity pass: call model.eval() first")
-    own_style = model.mamba.encoder_s(emb)
-    identity = model.mamba.decoder(content, own_style, [p.to(frames.device) for p in code.perms])
-    return torch.lerp(identity, stylized, s), identity
-
-
-@torch.no_grad()
-def strength_residual(model: MambaST, identity: Tensor, content: Tensor, strength: float) -> Tensor:
-    """(1 - s)·(Ic - D(Y_cc)): what the decoder loses of the content, to add to D(lerp(...)).
-
-    identity: Y_cc (B, h, w, d) from `decoder_tokens`; content: the unpadded frames (B, 3, H, W) in [0, 1].
-    """
-    H, W = content.shape[-2:]
-    reconstruction = model.decode_tokens(identity)[..., :H, :W]
-    return (1.0 - check_strength(strength)) * (content - reconstruction)
-
-
-@torch.no_grad()
-def stylize(model: MambaST, frames: Tensor, code: StyleCode, strength: float = 1.0,
-            preserve_color: bool = False) -> Tensor:
-    """`MambaST.stylize` with the controls: frames (B, 3, H, W) in [0, 1] -> (B, 3, H, W) in [0, 1].
-
-    >>> code = model.encode_style(style, model.token_grid(*frames.shape[-2:]))
-    >>> half = stylize(model, frames, code, strength=0.5, preserve_color=True)
-    """
-    x, (H, W) = pad_to_multiple(frames, model.cfg.patch_size)
-    tokens, identity = decoder_tokens(model, x, code, strength)
-    out = model.decode_tokens(tokens)[..., :H, :W]
-    if identity is not None:
-        out = out + strength_residual(model, identity, frames, strength)
-    out = out.clamp(0, 1)
-    return preserve_colors(out, frames) if preserve_color else out
 
 
 # ----------------------------------------------------------------------------------------------------------

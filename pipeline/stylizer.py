@@ -2,10 +2,10 @@
 
     frames (RGB uint8, source size)
       │ resize to the working size (aspect kept; --working-size is the short side; smaller frames are enlarged)
-      │ decoder tokens, a batch at a time               (content encoder + MSTD readout of the cached style states;
+      │ model.stylize_tokens, a batch at a time         (content encoder + MSTD readout of the cached style states;
       │                                                   strength < 1: lerp with the identity pass, models/style_controls.py)
       │ TokenSmoother, frame by frame                   (temporal state smoothing at token level, pipeline/temporal.py)
-      │ model.decode_tokens, a batch at a time          (CNN decoder; strength < 1: + the fading content residual)
+      │ model.decode_stylized, a batch at a time        (CNN decoder; strength < 1: + the fading content residual)
       │ back to the source size                          (guided upsampling when the working size is smaller: 4K
       │                                                   stays sharp; area averaging when it is larger)
       │ colour preservation (optional)                  (stylized luma, the source frame's own chroma, at full size)
@@ -36,7 +36,7 @@ import torch
 
 from models.errors import UserError
 from models.mambast import MambaST, StyleCode, pad_to_multiple
-from models.style_controls import check_strength, decoder_tokens, preserve_colors, strength_residual
+from models.style_controls import check_strength, preserve_colors
 from pipeline.styles import StyleBlend, StyleCodes, StyleImage, StyleSchedule
 from pipeline.temporal import MotionEstimator, OutputSmoother, TemporalConfig, TokenSmoother
 
@@ -245,7 +245,7 @@ class ClipStylizer:
         x_full = torch.cat([x, x[-1:].expand(missing, -1, -1, -1)]) if missing > 0 else x
         x_pad, _ = pad_to_multiple(x_full, self.model.cfg.patch_size)
         with torch.no_grad():
-            tokens, identity = decoder_tokens(self.model, x_pad, code, self.config.strength)
+            tokens, identity = self.model.stylize_tokens(x_pad, code, self.config.strength)
             t = time.perf_counter()
             motions = [self.motion.step(f) for f in frames] if self.motion is not None else [None] * len(frames)
             if self.token_smoother is not None:
@@ -255,10 +255,7 @@ class ClipStylizer:
                 tokens = torch.cat(smoothed + [grids[n:]]).permute(0, 2, 3, 1)
             if self.motion is not None:
                 self.smoothing_seconds += time.perf_counter() - t
-            images = self.model.decode_tokens(tokens)[..., :h, :w]
-            if identity is not None:
-                images = images + strength_residual(self.model, identity, x_full, self.config.strength)
-            images = images[:n].clamp(0, 1)
+            images = self.model.decode_stylized(tokens, identity, x_full, self.config.strength)[:n].clamp(0, 1)
         images = images.permute(0, 2, 3, 1).float().cpu().numpy()
         out = []
         for full, low, stylized, m in zip(frames, small, images, motions):
