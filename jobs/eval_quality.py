@@ -14,7 +14,8 @@ size, by default the default preset's (512: the images are enlarged to 512², st
 as the official test transform `Resize(512)` does). `model_at_256` is the model run at the images' own 256²,
 a diagnostic: its 32×32 token grid is what the working size is for (pipeline/stylizer.py, `working_shape`).
 
-Rows: the model's output; the content image itself (style-distance baseline: 1.0 by construction); a plain
+Rows: the model's output; with `--teacher magenta`, the distillation teacher's (models/teacher.py: Magenta's
+arbitrary stylization network at its own 384 px, the trade-off to compare against); the content image itself (style-distance baseline: 1.0 by construction); a plain
 colour-statistics transfer (Reinhard et al. 2001: per-channel mean/std in Lab); and, for content distance only,
 the content blurred with a Gaussian of σ = 3 px, the bound below which the content is still recognisable.
 A diagnostic row, `model_identity`, is the model's reconstruction of each content with itself as the style
@@ -22,8 +23,10 @@ A diagnostic row, `model_identity`, is the model's reconstruction of each conten
 distance is above the blur's, retuning the style/content weights alone is unlikely to pass the content check.
 
 Pass criteria (issue 3): model mean/std style distance ≤ 0.5 (half the content's), model style distance below the
-colour-transfer baseline's, model content distance below the blurred content's. Writes a contact sheet
-(content | style | colour transfer | model) and prints one JSON object last.
+colour-transfer baseline's, model content distance below the blurred content's. Every row is also broken down
+by the held-out styles' source (the `source_group` that `mambast data build` writes into its manifest: gcompris,
+wesnoth, stellarium, …). Writes a contact sheet (content | style | colour transfer | [teacher |] model) and
+prints one JSON object last.
 
 With `--inception/--alexnet/--lpips/--vgg19` weight files, the paper's metrics (FID, LPIPS, ArtFID, CFSD;
 models/paper_metrics.py) are added.
@@ -42,6 +45,7 @@ from models.checkpoint import load_model
 from models.errors import UserError
 from models.losses import gram, mean_std, normalise
 from models.perceptual import load_perceptual
+from models.teacher import load_teacher
 from pipeline.api import Stylizer
 from pipeline.images import contact_sheet, load_image, save_png
 
@@ -100,6 +104,18 @@ class Distances:
         return {"meanstd": torch.stack(meanstd, 1), "gram": torch.stack(grams, 1), "content": content_d}
 
 
+def style_sources(data: Path, styles: list[Path]) -> list[str]:
+    """Each style file's source group from DIR/manifest.json ("all" where the manifest does not say)."""
+    manifest = Path(data) / "manifest.json"
+    groups = {}
+    if manifest.is_file():
+        try:
+            groups = {f["path"]: f.get("source_group", "all") for f in json.loads(manifest.read_text())["files"]}
+        except (ValueError, KeyError, TypeError) as e:
+            raise UserError(f"{manifest}: not a `mambast data build` manifest ({e})") from None
+    return [groups.get(p.relative_to(data).as_posix(), "all") for p in styles]
+
+
 def held_out_pairs(data: Path, max_contents: int, max_styles: int) -> tuple[list[Path], list[Path]]:
     from jobs.train import image_files
     contents = image_files(data / "content" / "val")[:max_contents]
@@ -111,8 +127,11 @@ def held_out_pairs(data: Path, max_contents: int, max_styles: int) -> tuple[list
 
 
 def evaluate_quality(model, contents: list[np.ndarray], styles: list[np.ndarray], net_name: str,
-                     working_size: int = SIZE, seed: int = 0):
-    """Per-pair distances for each method; returns (rows, sample images for the sheet)."""
+                     working_size: int = SIZE, seed: int = 0, teacher=None, sources: list[str] | None = None):
+    """Per-pair distances for each method; returns (rows, sample images for the sheet).
+
+    `teacher` (models/teacher.py) adds its row; `sources` names each style's source group for the breakdown."""
+    sources = sources or ["all"] * len(styles)
     dist = Distances(load_perceptual(net_name))
     stylizers = {"model": Stylizer(model, working_size=working_size, temporal=False, seed=seed)}
     if working_size not in (0, SIZE):
@@ -130,6 +149,8 @@ def evaluate_quality(model, contents: list[np.ndarray], styles: list[np.ndarray]
             stylizer.set_style(style)
             outputs[name] = stylizer.stylize(list(contents))
         transferred = [colour_transfer(c, style) for c in contents]
+        if teacher is not None:
+            outputs["teacher"] = [teacher.stylize_image(c, style) for c in contents]
         methods = {name: to_tensor(out) for name, out in outputs.items()} | {
             "content": c_t,
             "colour_transfer": to_tensor(transferred),
@@ -141,21 +162,29 @@ def evaluate_quality(model, contents: list[np.ndarray], styles: list[np.ndarray]
         for name, x in methods.items():
             d = dist.per_tap(x, fs, fc)
             for ci in range(len(contents)):
-                rows.append({"method": name, "style": si, "content": ci,
+                rows.append({"method": name, "style": si, "content": ci, "source": sources[si],
                              "style_meanstd": float((d["meanstd"][ci] / base["meanstd"][ci].clamp_min(1e-12)).mean()),
                              "style_gram": float((d["gram"][ci] / base["gram"][ci].clamp_min(1e-12)).mean()),
                              "content_distance": float(d["content"][ci])})
         for ci in range(min(2, len(contents))):
-            sheet.append([contents[ci], style, transferred[ci], outputs["model"][ci]])
+            teacher_cell = [outputs["teacher"][ci]] if teacher is not None else []
+            sheet.append([contents[ci], style, transferred[ci], *teacher_cell, outputs["model"][ci]])
     return rows, sheet
+
+
+def _means(rows: list[dict]) -> dict:
+    return {k: round(float(np.mean([r[k] for r in rows])), 4)
+            for k in ("style_meanstd", "style_gram", "content_distance") if k in rows[0]}
 
 
 def summarise(rows: list[dict]) -> dict:
     summary = {}
     for method in dict.fromkeys(r["method"] for r in rows):
-        mine = [r for r in rows if r["method"] == method]
-        summary[method] = {k: round(float(np.mean([r[k] for r in mine])), 4)
-                           for k in ("style_meanstd", "style_gram", "content_distance") if k in mine[0]}
+        summary[method] = _means([r for r in rows if r["method"] == method])
+    summary["by_source"] = {
+        source: {method: _means([r for r in rows if r["method"] == method and r.get("source") == source])
+                 for method in dict.fromkeys(r["method"] for r in rows if r.get("source") == source)}
+        for source in sorted({r["source"] for r in rows if "source" in r})}
     m, ct, blur = summary["model"], summary["colour_transfer"], summary["blur_sigma3"]
     summary["checks"] = {
         "style_halved": m["style_meanstd"] <= 0.5,
@@ -176,6 +205,8 @@ def register_quality(metrics) -> None:
     p.add_argument("--max-styles", type=int, default=8)
     p.add_argument("--sheet", default="out/quality_sheet.png", help="contact sheet PNG")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--teacher", choices=["magenta"], help="add the distillation teacher's row and sheet column "
+                   "(a training extra: pip install -e '.[train]')")
     for name in ("inception", "alexnet", "lpips", "vgg19"):
         p.add_argument(f"--{name}", help=f"{name} weights for the paper's metrics (optional)")
     p.add_argument("--json", action="store_true", help="(the JSON line is always printed last)")
@@ -189,21 +220,29 @@ def run_quality(args) -> int:
     contents = [square(load_image(p)) for p in content_paths]
     styles = [square(load_image(p)) for p in style_paths]
     working_size = read_preset("default")["working_size"] if args.working_size is None else args.working_size
-    rows, sheet = evaluate_quality(model, contents, styles, args.net, working_size=working_size, seed=args.seed)
+    teacher = load_teacher(args.teacher) if args.teacher else None
+    rows, sheet = evaluate_quality(model, contents, styles, args.net, working_size=working_size, seed=args.seed,
+                                   teacher=teacher, sources=style_sources(Path(args.data), style_paths))
     summary = summarise(rows)
     summary.update(pairs=len(contents) * len(styles), size=SIZE, working_size=working_size, net=args.net,
                    weights=args.weights or "bundled")
     if any(getattr(args, n) for n in ("inception", "alexnet", "lpips", "vgg19")):
         summary["paper_metrics"] = _paper_metrics(args, model, contents, styles, working_size)
     Path(args.sheet).parent.mkdir(parents=True, exist_ok=True)
-    save_png(args.sheet, contact_sheet(sheet,
-                                       labels=[["content", "style", "colour transfer", "Mamba-ST"]] * len(sheet)))
-    for method in ("model", "model_at_256", "content", "colour_transfer", "blur_sigma3"):
+    labels = ["content", "style", "colour transfer", *(["teacher"] if teacher else []), "Mamba-ST"]
+    save_png(args.sheet, contact_sheet(sheet, labels=[labels] * len(sheet)))
+    shown = ("model", "model_at_256", "teacher", "content", "colour_transfer", "blur_sigma3")
+    for method in shown:
         if method not in summary:
             continue
         s = summary[method]
         print(f"  {method:16s} style mean/std {s['style_meanstd']:.3f}  gram {s['style_gram']:.3f}  "
               f"content {s['content_distance']:.3f}")
+    for source, methods in summary["by_source"].items():
+        n = len({r["style"] for r in rows if r.get("source") == source})
+        cells = "  ".join(f"{m} {methods[m]['style_meanstd']:.3f}/{methods[m]['content_distance']:.2f}"
+                          for m in ("model", "teacher", "colour_transfer") if m in methods)
+        print(f"  source {source} ({n} styles), style/content: {cells}")
     print(f"  {'model_identity':16s} content {summary['model_identity']['content_distance']:.3f}  "
           f"(the model's reconstruction with the content as its own style)")
     print("  checks: " + ", ".join(f"{k} {'PASS' if v else 'FAIL'}" for k, v in summary["checks"].items()))

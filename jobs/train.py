@@ -4,7 +4,12 @@ The recipe (configs/train/*.yaml) names the model variant, the data (a folder wi
 style/{train,val}, as `mambast data build` makes it; nested folders are fine), the perceptual network for the
 losses and the loss weights. Losses are the paper's (docs/mamba-st.md §3; models/losses.py):
 
-    L = w_c·L_c + w_s·L_s + w_id1·L_id1 + w_id2·L_id2
+    L = w_c·L_c + w_s·L_s + w_id1·L_id1 + w_id2·L_id2  [+ w_t·L_t]
+
+With `teacher: magenta` a share of every batch comes from distillation pairs instead (jobs/teacher_pairs.py: a
+content region, any image as its style, and the teacher's output, precomputed once into DATA/teacher/), and
+those items add w_t·L_t, the distance to the teacher's output (models/losses.py). The paper's losses still apply
+to every item.
 
 A run folder holds `checkpoint.pt` (model, optimiser, step, RNG states; rewritten atomically), `recipe.yaml`
 (the resolved recipe; `--resume` refuses a changed one), `samples/` (content | style | output grids of
@@ -27,7 +32,8 @@ from tqdm import tqdm
 
 from models.checkpoint import load_model, model_config, read_yaml, save_model, torch_load_safe
 from models.errors import UserError
-from models.losses import content_loss, identity_losses, style_loss
+from jobs.teacher_pairs import build_pairs, load_pairs
+from models.losses import content_loss, distillation_loss, identity_losses, style_loss
 from models.mambast import MambaST, init_weights, style_permutations
 from models.perceptual import load_perceptual
 from pipeline.images import contact_sheet, load_image, save_png
@@ -61,6 +67,11 @@ class Recipe:
     second_style_net: str | None = None  # a second perceptual net that adds one more style loss (e.g. 'vgg19')
     weight_second_style: float = 0.0
     second_style_tap_weights: list[float] = field(default_factory=list)  # per tap of that net; empty = all 1
+    teacher: str | None = None           # 'magenta' adds distillation (models/teacher.py); None = off
+    teacher_pairs: int = 2000            # distillation pairs precomputed into DATA/teacher (jobs/teacher_pairs.py)
+    teacher_photo_share: float = 0.15    # share of those pairs whose style is another content photo
+    teacher_share: float = 0.5           # share of each batch drawn from the distillation pairs
+    weight_teacher: float = 0.0          # w_t
     init: str = "mamba"                  # 'mamba' or 'official' (xavier everywhere, as the paper's code)
     init_from: str | None = None         # weights folder (e.g. an earlier run's final/) to start from instead
     seed: int = 777
@@ -83,7 +94,11 @@ class Recipe:
         jitter = recipe.style_hue_jitter
         if isinstance(jitter, bool) or not isinstance(jitter, (int, float)) or not 0.0 <= jitter <= 1.0:
             raise UserError(f"{path}: style_hue_jitter must be in [0, 1], got {recipe.style_hue_jitter!r}")
-        for name in ("steps", "batch_size", "crop"):
+        for name in ("teacher_photo_share", "teacher_share"):
+            value = getattr(recipe, name)
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0.0 <= value <= 1.0:
+                raise UserError(f"{path}: {name} must be in [0, 1], got {value!r}")
+        for name in ("steps", "batch_size", "crop", "teacher_pairs"):
             if not isinstance(getattr(recipe, name), int) or getattr(recipe, name) <= 0:
                 raise UserError(f"{path}: {name} must be a positive integer, got {getattr(recipe, name)!r}")
         recipe.scale_range = tuple(recipe.scale_range)
@@ -141,24 +156,57 @@ class ImagePool:
         with `hue_jitter` > 0, that share of them with hues turned by a uniform random angle (`rotate_hues`)."""
         out = []
         for _ in range(n):
-            img = self.images[int(torch.randint(len(self.images), (1,), generator=g))].float() / 255
-            lo, hi = scale_range
-            short = crop * (lo + (hi - lo) * float(torch.rand(1, generator=g)))
-            h, w = img.shape[1:]
-            s = short / min(h, w)
-            size = (max(crop, round(h * s)), max(crop, round(w * s)))
-            img = F.interpolate(img[None], size=size, mode="bilinear", antialias=True, align_corners=False)[0]
-            y = int(torch.randint(size[0] - crop + 1, (1,), generator=g))
-            x = int(torch.randint(size[1] - crop + 1, (1,), generator=g))
-            img = img[:, y:y + crop, x:x + crop]
-            if float(torch.rand(1, generator=g)) < 0.5:
-                img = img.flip(-1)
+            img = random_crop(self.images[int(torch.randint(len(self.images), (1,), generator=g))], crop,
+                              scale_range, g)
             if hue_jitter > 0:  # no draws otherwise: recipes without it repeat bit for bit
                 turn, angle = torch.rand(2, generator=g).tolist()
                 if turn < hue_jitter:
                     img = rotate_hues(img, 2 * math.pi * angle)
             out.append(img)
-        return torch.stack(out)
+        return torch.stack(out) if out else torch.empty(0, 3, crop, crop)
+
+
+def random_crop(img: torch.Tensor, crop: int, scale_range, g: torch.Generator) -> torch.Tensor:
+    """(C, H, W) uint8 -> (C, crop, crop) in [0,1]: short side resized to crop·U(scale_range), random position,
+    random horizontal flip. C may stack several aligned images (e.g. a content and its teacher output)."""
+    img = img.float() / 255
+    lo, hi = scale_range
+    short = crop * (lo + (hi - lo) * float(torch.rand(1, generator=g)))
+    h, w = img.shape[1:]
+    s = short / min(h, w)
+    size = (max(crop, round(h * s)), max(crop, round(w * s)))
+    img = F.interpolate(img[None], size=size, mode="bilinear", antialias=True, align_corners=False)[0]
+    y = int(torch.randint(size[0] - crop + 1, (1,), generator=g))
+    x = int(torch.randint(size[1] - crop + 1, (1,), generator=g))
+    img = img[:, y:y + crop, x:x + crop]
+    if float(torch.rand(1, generator=g)) < 0.5:
+        img = img.flip(-1)
+    return img
+
+
+class TeacherPairPool:
+    """Distillation pairs in memory: (content region + teacher output) stacked as one 6-channel uint8 tensor, and
+    the style image each was made with. Sampled as aligned random crops of both, plus a random crop of the style."""
+
+    def __init__(self, pairs, style_images: dict[str, torch.Tensor]):
+        self.stacked = [torch.from_numpy(np.concatenate([c, t], axis=2)).permute(2, 0, 1).contiguous()
+                        for c, t, _ in pairs]
+        self.styles = [style_images[s] for _, _, s in pairs]
+
+    def __len__(self):
+        return len(self.stacked)
+
+    def sample(self, n: int, crop: int, g: torch.Generator) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(content, teacher output, style), each (n, 3, crop, crop) in [0,1]. The 384² pair is shrunk to between
+        crop and 384 on its side before cropping, so the crop sees the teacher's strokes at their own scale."""
+        contents, targets, styles = [], [], []
+        for _ in range(n):
+            i = int(torch.randint(len(self.stacked), (1,), generator=g))
+            both = random_crop(self.stacked[i], crop, (1.0, self.stacked[i].shape[-1] / crop), g)
+            contents.append(both[:3])
+            targets.append(both[3:])
+            styles.append(random_crop(self.styles[i], crop, (1.0, 2.0), g))
+        return torch.stack(contents), torch.stack(targets), torch.stack(styles)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -181,6 +229,7 @@ class Trainer:
         self.style = ImagePool(data / "style/train", max_short)
         self.val_content = ImagePool(data / "content/val", 256) if (data / "content/val").is_dir() else self.content
         self.val_style = ImagePool(data / "style/val", 256) if (data / "style/val").is_dir() else self.style
+        self.teacher_pool = self._teacher_pool(data) if r.teacher else None
 
         torch.manual_seed(r.seed)  # DropPath draws from the global RNG
         self.model = MambaST(model_config(r.model)).to(self.device)
@@ -229,6 +278,14 @@ class Trainer:
         n = self.recipe.val_pairs
         self.val_batch = (self.val_content.sample(n, 192, (1.0, 1.0), g), self.val_style.sample(n, 192, (1.0, 1.0), g))
 
+    def _teacher_pool(self, data: Path) -> TeacherPairPool:
+        r = self.recipe
+        records = build_pairs(data, self.content.files, self.style.files, r.teacher_pairs, teacher=r.teacher,
+                              seed=r.seed, photo_share=r.teacher_photo_share, threads=max(1, r.threads))
+        style_images = {f.relative_to(data).as_posix(): img
+                        for pool in (self.content, self.style) for f, img in zip(pool.files, pool.images)}
+        return TeacherPairPool(load_pairs(data, records), style_images)
+
     def _start_from(self, weights: Path):
         start = load_model(weights)
         try:
@@ -267,7 +324,9 @@ class Trainer:
         seed = int(torch.randint(2**31 - 1, (1,), generator=self.gen))
         return style_permutations(self.model.cfg.n_decoder_layers, length, seed)
 
-    def losses(self, content: torch.Tensor, style: torch.Tensor) -> dict[str, torch.Tensor]:
+    def losses(self, content: torch.Tensor, style: torch.Tensor,
+               teacher_out: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+        """The recipe's losses on a batch; `teacher_out` holds the teacher's outputs for its first items."""
         r, m, net = self.recipe, self.model, self.net
         L = (content.shape[-2] // 8) * (content.shape[-1] // 8)
         ics = m(content, style, perms=self._perms(L))
@@ -285,15 +344,27 @@ class Trainer:
             g_cs, g_s = self.second_net.features(ics), self.second_net.features(style)
             losses["style_second"] = weighted_style_loss(g_cs, g_s, r.second_style_tap_weights)
             total = total + r.weight_second_style * losses["style_second"]
+        if teacher_out is not None and len(teacher_out):
+            n = len(teacher_out)
+            losses["teacher"] = distillation_loss(ics[:n], teacher_out, [f[:n] for f in f_cs], net.features(teacher_out))
+            total = total + r.weight_teacher * losses["teacher"]
         return {"total": total, **losses}
 
     def train_step(self) -> dict[str, float]:
         r = self.recipe
-        content = self.content.sample(r.batch_size, r.crop, r.scale_range, self.gen).to(self.device)
-        style = self.style.sample(r.batch_size, r.crop, r.scale_range, self.gen, r.style_hue_jitter).to(self.device)
+        n_teacher = round(r.batch_size * r.teacher_share) if self.teacher_pool else 0
+        n_plain = r.batch_size - n_teacher
+        content = self.content.sample(n_plain, r.crop, r.scale_range, self.gen)
+        style = self.style.sample(n_plain, r.crop, r.scale_range, self.gen, r.style_hue_jitter)
+        teacher_out = None
+        if n_teacher:
+            t_content, teacher_out, t_style = self.teacher_pool.sample(n_teacher, r.crop, self.gen)
+            content, style = torch.cat([t_content, content]), torch.cat([t_style, style])
+            teacher_out = teacher_out.to(self.device)
+        content, style = content.to(self.device), style.to(self.device)
         for group in self.opt.param_groups:
             group["lr"] = self.lr_at(self.step)
-        losses = self.losses(content, style)
+        losses = self.losses(content, style, teacher_out)
         self.opt.zero_grad(set_to_none=True)
         losses["total"].backward()
         torch.nn.utils.clip_grad_norm_(self.model.parameters(), 1.0)
@@ -351,8 +422,8 @@ def weighted_style_loss(feats_out, feats_style, tap_weights: list[float]) -> tor
     return sum(w * style_loss([a], [b]) for w, a, b in zip(weights, feats_out, feats_style))
 
 
-# "style_second" only in runs whose recipe names a second style net
-LOSS_KEYS = ("total", "content", "style", "id_pixel", "id_feature", "style_second")
+# "style_second" / "teacher" only in runs whose recipe names a second style net / a teacher
+LOSS_KEYS = ("total", "content", "style", "id_pixel", "id_feature", "style_second", "teacher")
 
 
 def write_loss_plot(runs: list[tuple[str, list[dict]]], path: Path, window: int = 25) -> None:

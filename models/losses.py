@@ -9,6 +9,10 @@ squared error, as in the official code (`nn.MSELoss`).
     L_id1 = ‖Icc − Ic‖² + ‖Iss − Is‖²
     L_id2 = Σ_i ‖φ_i(Icc) − φ_i(Ic)‖² + ‖φ_i(Iss) − φ_i(Is)‖²
     L     = 7·L_c + 10·L_s + 70·L_id1 + 1·L_id2
+
+Distillation toward a teacher's output T of the same content and style (models/teacher.py), our addition:
+
+    L_t   = |Ics − T|₁ + Σ_i ‖φ_i(Ics) − φ_i(T)‖² / ‖φ_i(T)‖²   (each tap relative to its own energy)
 """
 from __future__ import annotations
 
@@ -60,6 +64,15 @@ def identity_losses(i_cc: Tensor, i_c: Tensor, i_ss: Tensor, i_s: Tensor,
     pixel = F.mse_loss(i_cc, i_c) + F.mse_loss(i_ss, i_s)
     feature = sum(F.mse_loss(a, b) + F.mse_loss(c, d) for a, b, c, d in zip(feats_cc, feats_c, feats_ss, feats_s))
     return pixel, feature
+
+
+def distillation_loss(out: Tensor, target: Tensor, feats_out: Sequence[Tensor],
+                      feats_target: Sequence[Tensor]) -> Tensor:
+    """L_t: mean absolute pixel difference to the teacher's output plus, per tap, the feature MSE relative to the
+    target's mean squared activation (taps differ in scale by orders of magnitude; this weighs them alike)."""
+    _check_same_taps(feats_out, feats_target)
+    relative = sum(F.mse_loss(a, t) / t.pow(2).mean().clamp_min(1e-8) for a, t in zip(feats_out, feats_target))
+    return F.l1_loss(out, target) + relative
 
 
 def gram(feat: Tensor) -> Tensor:

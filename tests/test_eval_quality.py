@@ -45,6 +45,36 @@ def test_quality_report_has_baselines_checks_and_a_sheet(data_folder, tmp_path, 
 
     with Image.open(sheet) as image:
         assert image.width > 4 * 200 and image.height > 2 * 200  # 2 rows × (content | style | colour | model)
+    assert summary["by_source"] == {"all": {k: summary[k] for k in
+                                            ("model", "model_at_256", "content", "colour_transfer", "blur_sigma3")}}
+
+
+def test_teacher_row_and_a_row_per_style_source(data_folder, tmp_path, capsys):
+    pytest.importorskip("onnxruntime", reason="the teacher is a training extra: pip install -e '.[train]'")
+    shutil.copy(assets.skimage_photo("coffee"), data_folder / "style" / "val" / "coffee.png")
+    files = [{"path": "style/val/starry_night.jpg", "source_group": "opencv"},
+             {"path": "style/val/coffee.png", "source_group": "photo"}]
+    (data_folder / "manifest.json").write_text(json.dumps({"files": files}))
+    try:
+        sheet = tmp_path / "sheet.png"
+        args = ["eval", "quality", "--data", str(data_folder), "--sheet", str(sheet), "--teacher", "magenta",
+                "--working-size", "256", "--max-contents", "1"]
+        assert main(args) == 0
+    finally:
+        (data_folder / "manifest.json").unlink()
+        (data_folder / "style" / "val" / "coffee.png").unlink()
+    out = capsys.readouterr().out.strip().splitlines()
+    summary = json.loads(out[-1])
+    assert set(summary["by_source"]) == {"opencv", "photo"}
+    # the teacher carries Starry Night much further than a colour grade does
+    starry = summary["by_source"]["opencv"]
+    assert starry["teacher"]["style_meanstd"] < starry["colour_transfer"]["style_meanstd"]
+    for key, value in summary["teacher"].items():  # one content per style: the overall row is the sources' mean
+        by_source = [summary["by_source"][s]["teacher"][key] for s in ("opencv", "photo")]
+        assert value == pytest.approx(sum(by_source) / 2, abs=2e-4)
+    assert any(line.strip().startswith("source opencv (1 styles)") for line in out)
+    with Image.open(sheet) as image:
+        assert image.width > 5 * 200  # content | style | colour | teacher | model
 
 
 def test_colour_transfer_matches_the_style_statistics_in_lab():
