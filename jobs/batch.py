@@ -14,7 +14,8 @@ from __future__ import annotations
 
 import os
 
-from pipeline.farm import load_job, summary_table
+from pipeline.batch_job import load_job
+from pipeline.batch_report import summary_table
 
 
 def register(sub) -> None:
@@ -38,7 +39,7 @@ def run_batch(args) -> int:
                   f"{os.path.relpath(item.output, base)}")
         print(f"{job.name}: {len(job.items)} item(s), outputs in {job.output_dir}")
         return 0
-    from pipeline.farm_ray import run_job  # imports Ray: only when rendering
+    from pipeline.ray_batch import run_job  # imports Ray: only when rendering
 
     reports = run_job(job, address=args.address, workers=args.workers, resume=args.resume)
     print(summary_table(reports, job.output_dir))

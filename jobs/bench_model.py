@@ -28,7 +28,7 @@ PATHS = ("cached", "ref_scan", "no_cache")
 
 
 def _peak_rss_mb() -> float:
-    from jobs.bench import own_peak_rss_mb  # VmHWM: ru_maxrss would carry the parent's peak over exec
+    from jobs.bench_pipeline import own_peak_rss_mb  # VmHWM: ru_maxrss would carry the parent's peak over exec
     return own_peak_rss_mb()
 
 

@@ -27,7 +27,7 @@ from jobs.evaluate import evaluate_temporal, style_distances, write_plot
 from models.checkpoint import load_model
 from models.perceptual import load_perceptual
 from pipeline.images import load_image
-from pipeline.runner import StylizeJob
+from pipeline.settings import Settings
 from pipeline.source import open_source
 from pipeline.stylizer import ClipStylizer, StylizerConfig
 from pipeline.temporal import TemporalConfig
@@ -95,7 +95,7 @@ def register_temporal_bench(bench_sub) -> None:
     p.add_argument("--style", help="style image (default: The Starry Night)")
     p.add_argument("--clips", default="vtest,bikes", help="clip names (vtest, bikes) or paths, comma-separated")
     p.add_argument("--frames", type=int, default=120, help="frames per clip")
-    p.add_argument("--working-size", type=int, default=StylizeJob.working_size,
+    p.add_argument("--working-size", type=int, default=Settings.working_size,
                    help="short side the model runs at (default: the stylize default)")
     p.add_argument("--temporal-strength", type=float, default=None, help="temporal strength (default: the default)")
     p.add_argument("--token-smoothing", action="store_true", help="add the token-level stage (off by default)")

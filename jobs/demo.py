@@ -10,7 +10,8 @@ from pathlib import Path
 
 from jobs.assets import demo_clip, gcompris_paintings, starry_night
 from models.errors import UserError
-from pipeline.runner import StylizeJob, run_local, run_preview
+from pipeline.local_runner import run_local, run_preview
+from pipeline.stylize_job import StylizeJob
 
 SHEET_FRAMES = 4
 

@@ -4,7 +4,7 @@
     mambast live --input clip.mp4 --style "0:starry.jpg,5s:wave.png" --output out.mp4 --target-fps 25
 
 The working size adapts to keep up with the source (or --target-fps): it steps down a ladder of short sides when
-frames take too long and back up when there is ample headroom (pipeline/live.py); each change restarts the
+frames take too long and back up when there is ample headroom (pipeline/camera.py); each change restarts the
 temporal smoothing, and style codes are cached per token grid, so returning to a size encodes nothing. Frame rate
 and size changes are printed; with --show the frame rate is drawn on the picture (q or Esc quits).
 
@@ -19,7 +19,7 @@ from fractions import Fraction
 
 from models.errors import UserError
 from pipeline.api import Stylizer
-from pipeline.live import DEFAULT_FLOOR, AdaptiveWorkingSize, Window, camera_frames, size_ladder
+from pipeline.camera import DEFAULT_FLOOR, AdaptiveWorkingSize, Window, camera_frames, size_ladder
 from pipeline.sink import FrameSink
 from pipeline.source import Frame, open_source
 from pipeline.styles import parse_style

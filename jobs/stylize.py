@@ -14,18 +14,17 @@ and writes a contact sheet, source | stylized, to OUTPUT, which must then be a .
 from __future__ import annotations
 
 import argparse
-from dataclasses import fields
-from pathlib import Path
+from dataclasses import asdict
 
-from models.checkpoint import read_yaml
 from models.errors import UserError
-from pipeline.runner import DECODE_BACKEND, DEFAULT_CHUNK_FRAMES, StylizeJob, run_local, run_preview
+from pipeline.chunks import DECODE_BACKEND
+from pipeline.local_runner import run_local, run_preview
+from pipeline.settings import RUN_KEYS, Settings, preset_names, read_preset
 from pipeline.source import open_source
+from pipeline.stylize_job import RAY_CHUNK_FRAMES, StylizeJob
 
-PRESET_DIR = Path(__file__).resolve().parent.parent / "configs" / "presets"
 RUNNERS = ("auto", "local", "ray")
-NOT_PRESETS = ("input", "style", "output", "weights", "overwrite", "start", "end", "every_nth", "max_frames")
-DEFAULTS = {f.name: f.default for f in fields(StylizeJob) if f.name not in NOT_PRESETS} | {"runner": "auto"}
+DEFAULTS = asdict(Settings()) | RUN_KEYS  # what a preset and the flags may set
 
 
 def register(sub) -> None:
@@ -65,20 +64,20 @@ def register(sub) -> None:
     run = p.add_argument_group("runner")
     run.add_argument("--runner", choices=RUNNERS, help="auto: local for clips of one chunk, else ray (auto)")
     run.add_argument("--address", help="join the Ray cluster at this address (implies --runner ray)")
-    run.add_argument("--chunk-frames", type=int, help=f"frames per Ray chunk ({DEFAULT_CHUNK_FRAMES})")
+    run.add_argument("--chunk-frames", type=int, help=f"frames per Ray chunk ({RAY_CHUNK_FRAMES})")
     p.set_defaults(func=run_stylize)
 
 
 def run_stylize(args) -> int:
-    settings = resolve_settings(args)
-    runner = settings.pop("runner")
-    job = StylizeJob(input=args.input, style=args.style, output=args.output, weights=args.weights,
-                     start=args.start, end=args.end, every_nth=args.every_nth, max_frames=args.max_frames,
-                     overwrite=args.overwrite, **settings)
+    values = resolve_settings(args)
+    runner, device = values.pop("runner"), values.pop("device")
+    job = StylizeJob(input=args.input, style=args.style, output=args.output, settings=Settings(**values),
+                     weights=args.weights, start=args.start, end=args.end, every_nth=args.every_nth,
+                     max_frames=args.max_frames, overwrite=args.overwrite, device=device)
     if args.preview is not None:
         summary = run_preview(job, args.preview)
     elif choose_runner(job, runner, args.address) == "ray":
-        from pipeline.ray_runner import run_ray  # imports Ray, which only this path needs
+        from pipeline.ray_clip import run_ray  # imports Ray, which only this path needs
 
         summary = run_ray(job, address=args.address)
     else:
@@ -98,41 +97,6 @@ def resolve_settings(args) -> dict:
     return settings
 
 
-def read_preset(name_or_path: str) -> dict:
-    path = Path(name_or_path)
-    if not path.suffix and not path.exists():
-        path = PRESET_DIR / f"{name_or_path}.yaml"
-        if not path.is_file():
-            raise UserError(f"preset {name_or_path!r}: no such preset (have: {', '.join(preset_names())})")
-    preset = read_yaml(path)
-    for key, value in preset.items():
-        if key not in DEFAULTS:
-            raise UserError(f"{path}: unknown key {key!r} (known: {', '.join(DEFAULTS)})")
-        if not _same_kind(value, DEFAULTS[key]):
-            raise UserError(f"{path}: {key} must be {_kind(DEFAULTS[key])}, got {value!r}")
-    return preset
-
-
-def preset_names() -> list[str]:
-    return sorted(p.stem for p in PRESET_DIR.glob("*.yaml"))
-
-
-def _same_kind(value, default) -> bool:
-    if default is None:
-        return value is None or isinstance(value, str)
-    if isinstance(default, bool) or isinstance(value, bool):
-        return isinstance(value, bool) and isinstance(default, bool)
-    if isinstance(default, float):
-        return isinstance(value, (int, float))
-    return isinstance(value, type(default))
-
-
-def _kind(default) -> str:
-    if default is None:
-        return "a string or null"
-    return {bool: "true or false", int: "an integer", float: "a number", str: "a string"}[type(default)]
-
-
 def choose_runner(job: StylizeJob, runner: str, address: str | None) -> str:
     if runner != "auto":
         if address and runner == "local":
@@ -142,4 +106,4 @@ def choose_runner(job: StylizeJob, runner: str, address: str | None) -> str:
         return "ray"
     selected = open_source(job.input, backend=DECODE_BACKEND).select(job.start, job.end, job.every_nth,
                                                                       job.max_frames)
-    return "local" if len(selected) <= (job.chunk_frames or DEFAULT_CHUNK_FRAMES) else "ray"
+    return "local" if len(selected) <= (job.settings.chunk_frames or RAY_CHUNK_FRAMES) else "ray"

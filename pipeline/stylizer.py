@@ -23,12 +23,13 @@ A `ClipStylizer` is sequential in time (the smoothers carry state), so it is the
 gives each chunk its own instance, starting `lead_in` frames early and discarding those outputs, which makes
 chunked output bit-identical to one-piece output (pipeline/temporal.py explains why).
 
-Everything here is plain Python and works without Ray; pipeline/ray_runner.py wraps it in actors.
+Everything here is plain Python and works without Ray; pipeline/chunks.py drives it chunk by chunk.
 """
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass, field
+from collections.abc import Sequence
+from dataclasses import dataclass, field, replace
 
 import cv2
 import numpy as np
@@ -37,6 +38,7 @@ import torch
 from models.errors import UserError
 from models.mambast import MambaST, StyleCode, pad_to_multiple
 from models.style_controls import check_strength, preserve_colors
+from pipeline.source import Frame
 from pipeline.styles import StyleBlend, StyleCodes, StyleImage, StyleSchedule
 from pipeline.temporal import MotionEstimator, OutputSmoother, TemporalConfig, TokenSmoother
 
@@ -227,6 +229,11 @@ class ClipStylizer:
         if batch:
             out.extend(self._batch(batch, code))
         return out
+
+    def stylize_frames(self, frames: Sequence[Frame]) -> list[Frame]:
+        """Source Frames in clip order -> stylized Frames with the same index, pts and alpha."""
+        images = self([f.image for f in frames], [f.index for f in frames])
+        return [replace(frame, image=image) for frame, image in zip(frames, images)]
 
     def _check_sizes(self, frames: list[np.ndarray]) -> None:
         for f in frames:

@@ -1,7 +1,7 @@
-"""The render farm (pipeline/farm.py, farm_ray.py, jobs/batch.py) on real encoded clips and a real Ray cluster.
+"""The render farm (pipeline/batch_*.py, ray_batch.py, jobs/batch.py) on real encoded clips and a real Ray cluster.
 
 The cluster is `ray.cluster_utils.Cluster` on this machine: a head and two worker nodes of 1 CPU each, every one
-bound to 127.0.0.1 (see pipeline/farm_ray.py on loopback), shared by the Ray tests of this module. Faults are real:
+bound to 127.0.0.1 (see pipeline/ray_cluster.py on loopback), shared by the Ray tests of this module. Faults are real:
 a stylizer process exits mid-chunk, a node is removed mid-job, the `mambast batch` process is SIGKILLed and resumed.
 Each time the output must decode to exactly the frames of a fault-free run of the same chunks (FFV1 is lossless),
 with the frame count, timestamps and audio of a one-piece FrameSink write. Tiny inputs (64x48, 24-40 frames, a
@@ -28,8 +28,12 @@ import yaml
 
 from models.checkpoint import load_model, save_model
 from models.errors import UserError
-from pipeline.farm import (ChunkTask, ChunkWorker, ClipPlan, ItemReport, WorkFolder, join_chunks, load_job,
-                           plan_chunks, scan_clip, summary_table)
+from pipeline.batch_job import load_job
+from pipeline.batch_join import join_chunks
+from pipeline.batch_manifest import WorkFolder
+from pipeline.batch_report import ItemReport, summary_table
+from pipeline.batch_worker import ChunkRenderer, ChunkTask
+from pipeline.chunks import ChunkStylizer, ClipPlan, plan_chunks, scan_clip
 from pipeline.sink import FrameSink
 from pipeline.source import open_source
 from pipeline.styles import parse_style
@@ -105,16 +109,21 @@ def fault_free_frames(item):
     key = (item.clip, item.style.spec, item.settings)
     if key not in _FAULT_FREE:
         folder = Path(tempfile.mkdtemp(prefix="farm-ref-"))
-        worker = ChunkWorker(str(Path(item.clip).parent.parent / "model"), "cpu", threads=1)
-        plan = scan_clip(item.clip, item.settings.shot_threshold)
+        worker = ChunkRenderer(ChunkStylizer.load(str(Path(item.clip).parent.parent / "model"), "cpu", threads=1))
         frames = []
-        for span in plan_chunks(plan, item.settings.chunk_frames, item.settings.stylizer_config().lead_in):
-            path = str(folder / f"{span.index}.mkv")
-            worker.render(ChunkTask(item.number, item.clip, item.style.spec, item.settings, span, path))
+        for chunk in item_chunks(item):
+            path = str(folder / f"{chunk.index}.mkv")
+            worker.render(ChunkTask(item.number, item.clip, item.style.spec, item.settings, chunk, path))
             frames += decode(path)
         shutil.rmtree(folder)
         _FAULT_FREE[key] = frames
     return _FAULT_FREE[key]
+
+
+def item_chunks(item):
+    plan = scan_clip(item.clip, item.settings.shot_threshold)
+    lead_in = item.settings.stylizer_config().lead_in
+    return plan_chunks(range(plan.frames), plan.cuts, item.settings.chunk_frames, lead_in)
 
 
 def decode(path):
@@ -234,7 +243,7 @@ def test_cli_checks_a_job_and_names_the_bad_entry(tmp_path, assets, capsys):
     bad = write_job(tmp_path, assets, name="bad.yaml", settings={"codec": "av1"})
     assert main(["batch", str(bad)]) == 2
     assert capsys.readouterr().err.strip() == \
-        "mambast: error: bad.yaml: settings.codec: must be one of h264, hevc, prores, ffv1, got 'av1'"
+        "mambast: error: bad.yaml: settings.codec: must be one of h264, hevc, prores, ffv1, png, exr, got 'av1'"
 
 
 # --- Planning ------------------------------------------------------------------------------------------------
@@ -242,13 +251,13 @@ def test_cli_checks_a_job_and_names_the_bad_entry(tmp_path, assets, capsys):
 
 def test_chunks_end_at_shot_cuts_and_split_long_shots():
     # shots 0-30 (split in two), 30-40, 40-45 (short: share chunks), 45-100 (split in three)
-    spans = plan_chunks(ClipPlan(100, (30, 40, 45)), chunk_frames=25, lead_in=8)
-    assert [(s.start, s.end) for s in spans] == [(0, 15), (15, 40), (40, 63), (63, 82), (82, 100)]
-    assert [s.lead_in for s in spans] == [0, 8, 8, 8, 8]
-    assert [s.index for s in spans] == list(range(5))
-    assert all(s.frames <= 25 for s in spans)
-    assert plan_chunks(ClipPlan(5, ()), chunk_frames=240, lead_in=8)[0].lead_in == 0
-    assert [(s.start, s.end, s.lead_in) for s in plan_chunks(ClipPlan(12, ()), 5, 8)] == \
+    chunks = plan_chunks(range(100), (30, 40, 45), chunk_frames=25, lead_in=8)
+    assert [(c.kept.start, c.kept.stop) for c in chunks] == [(0, 15), (15, 40), (40, 63), (63, 82), (82, 100)]
+    assert [len(c.lead_in) for c in chunks] == [0, 8, 8, 8, 8]
+    assert [c.index for c in chunks] == list(range(5))
+    assert all(c.frames <= 25 for c in chunks)
+    assert len(plan_chunks(range(5), (), chunk_frames=240, lead_in=8)[0].lead_in) == 0
+    assert [(c.kept.start, c.kept.stop, len(c.lead_in)) for c in plan_chunks(range(12), (), 5, 8)] == \
         [(0, 4, 0), (4, 8, 4), (8, 12, 8)]
 
 
@@ -261,17 +270,17 @@ def test_scan_finds_the_clip_cuts(assets):
 
 
 def render_chunks_locally(job, item, order=None, twice=()):
-    """Every chunk of `item` through one ChunkWorker, in any order, some twice (a retry rewriting its file)."""
+    """Every chunk of `item` through one ChunkRenderer, in any order, some twice (a retry rewriting its file)."""
     manifests = WorkFolder(job).open(resume=False)
     manifest = manifests[item.number]
-    worker = ChunkWorker(job.weights, "cpu", threads=1)
-    spans = plan_chunks(scan_clip(item.clip), item.settings.chunk_frames, item.settings.stylizer_config().lead_in)
-    manifest.set_plan(scan_clip(item.clip), spans)
-    for index in list(order or range(len(spans))) + list(twice):
-        span = spans[index]
-        task = ChunkTask(item.number, item.clip, item.style.spec, item.settings, span, manifest.chunk_path(index))
+    worker = ChunkRenderer(ChunkStylizer.load(job.weights, "cpu", threads=1))
+    chunks = item_chunks(item)
+    manifest.set_plan(scan_clip(item.clip), chunks)
+    for index in list(order or range(len(chunks))) + list(twice):
+        task = ChunkTask(item.number, item.clip, item.style.spec, item.settings, chunks[index],
+                         manifest.chunk_path(index))
         manifest.record_chunk(worker.render(task))
-    return manifest, spans
+    return manifest, chunks
 
 
 def test_chunks_in_any_order_join_into_the_one_piece_render(tmp_path, assets):
@@ -287,8 +296,8 @@ def test_chunks_in_any_order_join_into_the_one_piece_render(tmp_path, assets):
                              settings={"working_size": 0, "codec": "ffv1", "chunk_frames": 8, "batch_size": 1}))
     item = job.items[0]  # a morph across chunks, then a blend
     manifest, spans = render_chunks_locally(job, item, order=[3, 0, 5, 1, 4, 2], twice=[2])
-    assert len(spans) == 6 and {s.end for s in spans} >= {14, 27}  # chunks end at the cuts
-    frames = join_chunks([(manifest.chunk_path(s.index), s.start) for s in spans], item.output, item.clip,
+    assert len(spans) == 6 and {s.kept.stop for s in spans} >= {14, 27}  # chunks end at the cuts
+    frames = join_chunks([(manifest.chunk_path(s.index), s.kept.start) for s in spans], item.output, item.clip,
                          "ffv1", True, 40)
     assert frames == 40
     assert all(np.array_equal(a, b) for a, b in zip(decode(item.output), one_piece_frames(item)))
@@ -302,7 +311,7 @@ def test_lossy_chunks_join_by_stream_copy_with_exact_timestamps(tmp_path, assets
     item = job.items[0]
     manifest, spans = render_chunks_locally(job, item)
     pieces = [decode(manifest.chunk_path(s.index)) for s in spans]
-    join_chunks([(manifest.chunk_path(s.index), s.start) for s in spans], item.output, item.clip, codec, True, 40)
+    join_chunks([(manifest.chunk_path(s.index), s.kept.start) for s in spans], item.output, item.clip, codec, True, 40)
     joined = decode(item.output)
     assert len(joined) == 40 and all(np.array_equal(a, b) for a, b in zip(joined, sum(pieces, [])))
     source, ours = open_source(item.clip).info, open_source(item.output).info
@@ -310,7 +319,7 @@ def test_lossy_chunks_join_by_stream_copy_with_exact_timestamps(tmp_path, assets
     assert audio_packets(item.output) == audio_packets(item.clip)
     with av.open(item.output) as container:  # every chunk starts with a keyframe
         keys = [p.pts for p in container.demux(container.streams.video[0]) if p.size and p.is_keyframe]
-        assert {source.pts[s.start] for s in spans} <= set(keys)
+        assert {source.pts[s.kept.start] for s in spans} <= set(keys)
 
 
 def test_resume_trusts_only_complete_chunks_and_refuses_a_changed_job(tmp_path, assets):
@@ -357,7 +366,7 @@ def cluster(assets):
     ray = pytest.importorskip("ray")
     from ray.cluster_utils import Cluster
 
-    from pipeline.farm_ray import connect_ray
+    from pipeline.ray_cluster import connect_ray
 
     temp = tempfile.mkdtemp(prefix="rt-")
     settings = dict(RAY_TMPDIR=temp, RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER="0", RAY_USAGE_STATS_ENABLED="0",
@@ -386,7 +395,7 @@ def cluster(assets):
 
 
 def test_a_run_spreads_over_the_nodes_and_a_bad_clip_fails_alone(tmp_path, assets, cluster):
-    from pipeline.farm_ray import Farm
+    from pipeline.ray_batch import Farm
 
     clips = assets / "clips"
     many = [{"clip": str(clips / "b.mp4"), "style": str(assets / "styles" / "wave.png"), "output": "many/{n}.mkv",
@@ -422,7 +431,7 @@ def test_cli_reports_each_failure_and_exits_non_zero(tmp_path, assets, cluster, 
 
 
 def test_a_worker_crashing_mid_chunk_is_retried_elsewhere(tmp_path, assets, cluster, monkeypatch):
-    from pipeline.farm_ray import run_job
+    from pipeline.ray_batch import run_job
 
     monkeypatch.setenv("MAMBAST_FARM_FAULT", "exit:1:2")  # item 1's chunk 2: os._exit halfway, first attempt
     job = load_job(write_job(tmp_path, assets))
@@ -434,13 +443,13 @@ def test_a_worker_crashing_mid_chunk_is_retried_elsewhere(tmp_path, assets, clus
 
 
 def test_no_worker_able_to_start_fails_the_items_instead_of_hanging(tmp_path, assets, cluster, monkeypatch):
-    import pipeline.farm_ray as farm_ray
+    import pipeline.ray_batch as ray_batch
 
-    monkeypatch.setattr(farm_ray, "START_TIMEOUT_S", 2.0)
+    monkeypatch.setattr(ray_batch, "START_TIMEOUT_S", 2.0)
     job = load_job(write_job(tmp_path, assets))
-    work = farm_ray.WorkFolder(job)
+    work = ray_batch.WorkFolder(job)
     work.open(resume=False)
-    farm = farm_ray.Farm(job, work, workers=1, progress=False)
+    farm = ray_batch.Farm(job, work, workers=1, progress=False)
     farm.actor_options = {"num_cpus": 64}  # more than any node has: the actor never starts
     reports = farm.run()
     assert [r.status for r in reports] == ["failed", "failed"]
@@ -448,7 +457,7 @@ def test_no_worker_able_to_start_fails_the_items_instead_of_hanging(tmp_path, as
 
 
 def test_resume_after_every_chunk_was_written_only_joins(tmp_path, assets, cluster):
-    from pipeline.farm_ray import run_job
+    from pipeline.ray_batch import run_job
 
     path = write_job(tmp_path, assets)
     job = load_job(path)
@@ -505,7 +514,7 @@ def test_killed_job_resumes_where_it_stopped(tmp_path, assets, cluster):
 
 
 def test_losing_a_node_mid_job_finishes_on_the_rest(tmp_path, assets, cluster, monkeypatch):
-    from pipeline.farm_ray import run_job
+    from pipeline.ray_batch import run_job
 
     head_and_workers, workers = cluster
     monkeypatch.setenv("MAMBAST_FARM_FAULT", "slow:0.1")

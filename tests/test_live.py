@@ -11,7 +11,7 @@ from jobs.assets import skimage_photo
 from jobs.cli import main as cli_main
 from models.checkpoint import save_model
 from pipeline.images import load_image, save_png
-from pipeline.live import AdaptiveWorkingSize, Window, size_ladder
+from pipeline.camera import AdaptiveWorkingSize, Window, size_ladder
 from pipeline.source import open_source
 from tiny_models import tiny_model
 

@@ -1,5 +1,5 @@
-"""The in-process video pipeline (pipeline/runner.py) and `mambast stylize` on real files encoded here with PyAV,
-with a tiny random model whose output follows its input (so that equal frames mean something)."""
+"""The in-process video pipeline (pipeline/local_runner.py, stylize_job.py, chunks.py) and `mambast stylize` on
+real files encoded here with PyAV, with a tiny random model whose output follows its input (so that equal frames mean something)."""
 
 import json
 import os
@@ -15,12 +15,14 @@ import pytest
 import torch
 
 from jobs.cli import main
-from jobs.stylize import DEFAULTS, choose_runner, preset_names, read_preset, resolve_settings
+from jobs.stylize import DEFAULTS, choose_runner, resolve_settings
 from models.checkpoint import save_model
 from models.errors import UserError
 from models.mambast import MambaST, MambaSTConfig
-from pipeline.runner import (Chunk, ChunkStylizer, StylizeJob, check_job, plan_chunks, run_local, run_preview,
-                             spread)
+from pipeline.chunks import ChunkStylizer, plan_chunks
+from pipeline.local_runner import run_local, run_preview, spread
+from pipeline.settings import RUN_KEYS, Settings, preset_names, read_preset
+from pipeline.stylize_job import StylizeJob, check_job
 from pipeline.source import open_source
 from tests.media import AUDIO_RATE, make_audio_only, make_text, make_truncated, make_zero_frames, write_sine
 
@@ -136,10 +138,15 @@ def comment(path):
         return json.loads(tags["comment"])["mambast"]
 
 
-def job(clip, style, output, weights, **settings):
-    """A job on the tiny test clips, run at their own size unless asked (the default 512 would enlarge them ~100×)."""
+JOB_FIELDS = ("start", "end", "every_nth", "max_frames", "overwrite", "device")
+
+
+def job(clip, style, output, weights, **values):
+    """A job on the tiny test clips, run at their own size unless asked (the default 512 would enlarge them ~100×).
+    `values`: the job's frame selection and device, and settings."""
+    fields = {key: values.pop(key) for key in JOB_FIELDS if key in values}
     return StylizeJob(input=str(clip), style=style, output=str(output), weights=weights,
-                      **{"working_size": 0} | settings)
+                      settings=Settings(**{"working_size": 0} | values), **fields)
 
 
 def no_pipeline_threads():
@@ -150,17 +157,17 @@ def no_pipeline_threads():
 
 
 def test_plan_chunks_counts_in_the_selected_sequence():
-    chunks = plan_chunks(range(1, 30, 3), chunk_frames=4, lead_in=2)
+    chunks = plan_chunks(range(1, 30, 3), (), chunk_frames=4, lead_in=2)  # 10 frames: 3 near-equal chunks
     assert [(list(c.lead_in), list(c.kept)) for c in chunks] == [
-        ([], [1, 4, 7, 10]), ([7, 10], [13, 16, 19, 22]), ([19, 22], [25, 28])]
-    assert all(isinstance(c.indices, range) for c in chunks)
-    assert list(chunks[1].indices) == [7, 10, 13, 16, 19, 22]
-    # lead-in longer than what precedes the chunk, and a plain list of indices
-    assert plan_chunks([5, 6, 9], chunk_frames=1, lead_in=8) == [
-        Chunk([], [5]), Chunk([5], [6]), Chunk([5, 6], [9])]
-    assert plan_chunks(range(0), 4, 2) == []
+        ([], [1, 4, 7]), ([4, 7], [10, 13, 16, 19]), ([16, 19], [22, 25, 28])]
+    assert list(chunks[1].indices) == [4, 7, 10, 13, 16, 19]
+    # a cut at clip frame 12 starts a chunk at the first selected frame after it (13)
+    assert [c.kept.start for c in plan_chunks(range(1, 30, 3), (12,), chunk_frames=6, lead_in=2)] == [1, 13]
+    # lead-in longer than what precedes the chunk
+    assert [list(c.lead_in) for c in plan_chunks(range(5, 8), (), chunk_frames=1, lead_in=8)] == [[], [5], [5, 6]]
+    assert plan_chunks(range(0), (), 4, 2) == []
     with pytest.raises(ValueError):
-        plan_chunks(range(4), 0, 2)
+        plan_chunks(range(4), (), 0, 2)
 
 
 def test_spread_picks_evenly_from_first_to_last():
@@ -258,9 +265,9 @@ def test_png_sequence_gets_the_stylized_rgb_with_the_source_alpha(tmp_path, weig
     assert summary.audio.startswith("none")
 
     render = check_job(job(frames_in / "%04d.png", style, out, weights))
-    stylizer = ChunkStylizer.load(weights, render.style, render.frame_shape, render.config)
-    source_frames = list(render.source.frames())
-    expected = stylizer(Chunk([], render.selection), source_frames)
+    chunk = plan_chunks(render.selection, (), len(render.selection), 0)[0]
+    expected = list(ChunkStylizer.load(weights).stylize(chunk, render.source.frames(), render.style,
+                                                         render.frame_shape, render.config))
     written = sorted(name for name in os.listdir(out) if name.endswith(".png"))
     assert written == [f"{n:06d}.png" for n in range(1, 7)]
     for name, want, rgba in zip(written, expected, images):
@@ -428,13 +435,12 @@ def test_presets_are_valid_and_default_matches_the_built_in_defaults(tmp_path):
     assert {"default", "preview", "quality"} <= set(preset_names())
     assert read_preset("default") == DEFAULTS
     for name in preset_names():
-        StylizeJob("in.mp4", "s.png", "out.mp4", **{k: v for k, v in {**DEFAULTS, **read_preset(name)}.items()
-                                                     if k != "runner"}).stylizer_config()
+        Settings(**{k: v for k, v in read_preset(name).items() if k not in RUN_KEYS}).stylizer_config()
     (tmp_path / "bad.yaml").write_text("working_size: 256\nstrenght: 0.5\n")
-    with pytest.raises(UserError, match="unknown key 'strenght'"):
+    with pytest.raises(UserError, match="unknown setting 'strenght'"):
         read_preset(str(tmp_path / "bad.yaml"))
     (tmp_path / "wrong.yaml").write_text("audio: 1\n")
-    with pytest.raises(UserError, match="audio must be true or false"):
+    with pytest.raises(UserError, match="audio: must be true or false"):
         read_preset(str(tmp_path / "wrong.yaml"))
     flags = Namespace(preset="quality", working_size=320, **{k: None for k in DEFAULTS if k != "working_size"})
     assert resolve_settings(flags)["working_size"] == 320 and resolve_settings(flags)["crf"] == 14
@@ -444,7 +450,7 @@ def test_auto_runner_is_local_for_one_chunk_and_ray_beyond(tmp_path):
     clip = tmp_path / "in.mp4"
     write_clip(clip, count=8)
     assert choose_runner(StylizeJob(str(clip), "s.png", "o.mp4"), "auto", None) == "local"
-    assert choose_runner(StylizeJob(str(clip), "s.png", "o.mp4", chunk_frames=4), "auto", None) == "ray"
+    assert choose_runner(StylizeJob(str(clip), "s.png", "o.mp4", Settings(chunk_frames=4)), "auto", None) == "ray"
     assert choose_runner(StylizeJob(str(clip), "s.png", "o.mp4"), "auto", "127.0.0.1:6379") == "ray"
     with pytest.raises(UserError, match="--address"):
         choose_runner(StylizeJob(str(clip), "s.png", "o.mp4"), "local", "127.0.0.1:6379")
@@ -455,7 +461,7 @@ def test_auto_runner_is_local_for_one_chunk_and_ray_beyond(tmp_path):
 
 @pytest.mark.slow
 def test_peak_rss_does_not_grow_with_clip_length(tmp_path, weights, style):
-    from jobs.bench import peak_rss_mb  # each run in a fresh process, which reads its own peak RSS
+    from jobs.bench_pipeline import peak_rss_mb  # each run in a fresh process, which reads its own peak RSS
 
     peaks = {}
     for count in (100, 1000):

@@ -1,4 +1,4 @@
-"""The Ray runner (pipeline/ray_runner.py) on a real local cluster: bound to loopback, frames equal to run_local's."""
+"""The Ray runner for one clip (pipeline/ray_clip.py) on a real local cluster: bound to loopback, frames equal to run_local's."""
 
 import os
 import re
@@ -9,8 +9,9 @@ import ray
 
 from jobs.cli import main
 from models.errors import UserError
-from pipeline.ray_runner import run_ray, start_ray, stop_ray
-from pipeline.runner import run_local
+from pipeline.local_runner import run_local
+from pipeline.ray_clip import run_ray
+from pipeline.ray_cluster import start_ray, stop_ray
 from test_pipeline import (audio_span, comment, corrupt_ffv1, decode, job, probe, style,  # noqa: F401
                            weights, write_clip)
 
@@ -129,8 +130,8 @@ def test_stylize_local_stylize_ray_and_batch_give_the_same_frames(cluster, tmp_p
     a batch job (chunks at shot cuts, encoded to chunk files, joined by stream copy). FFV1 is lossless."""
     import yaml
 
-    from pipeline.farm import load_job
-    from pipeline.farm_ray import run_job
+    from pipeline.batch_job import load_job
+    from pipeline.ray_batch import run_job
 
     clip = tmp_path / "in.mp4"
     write_clip(clip, count=14, audio=True)

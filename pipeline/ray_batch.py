@@ -1,4 +1,5 @@
-"""The render farm on Ray: pipeline/farm.py's steps placed on a cluster, retried when workers or nodes are lost.
+"""A batch of clips on Ray (`mambast batch`): the batch steps placed on a cluster, retried when workers or nodes
+are lost.
 
     driver (mambast batch)                                   the cluster
     ──────────────────────                                   ───────────
@@ -23,7 +24,7 @@ Faults:
 * A worker lost mid-chunk (its process killed, its node gone): Ray fails that actor's calls with a RayActorError.
   The actor is dropped (ray.kill) and a replacement started wherever the cluster has room; the chunk goes back to
   the front of the queue and is given to another ready actor (attempt + 1, at most MAX_ATTEMPTS). Its partial
-  file is a temporary that the retry never reads; the retry writes the same bits (farm.py).
+  file is a temporary that the retry never reads; the retry writes the same bits (batch_worker.py).
 * Bad input (a UserError: the clip does not decode, a schedule out of order) is not retried: that item fails with
   its message, and the others go on.
 * The driver killed: nothing is lost but the chunks in flight; `mambast batch --resume` reads the manifests and
@@ -31,11 +32,8 @@ Faults:
 * No worker can start (no free GPU anywhere, or every start fails): after `start_timeout` seconds the remaining
   items fail with a message saying so, instead of waiting forever.
 
-Ray on loopback: `connect_ray` reuses pipeline/ray_runner.start_ray (a quiet local cluster bound to 127.0.0.1, or
-joining an address). Joining a loopback address (a local multi-node test cluster) also needs
-`RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0`: without it `ray.init(address="127.0.0.1:PORT")` rewrites the address to
-the machine's interface address (`services.resolve_ip_for_localhost`) and then hangs on "Failed to connect to GCS at
-192.0.2.2:PORT", since the cluster listens on 127.0.0.1 only.
+The job file: pipeline/batch_job.py; the work folder: batch_manifest.py; a chunk: batch_worker.py; joining:
+batch_join.py; progress and the final table: batch_report.py; the cluster: ray_cluster.py.
 """
 from __future__ import annotations
 
@@ -48,13 +46,17 @@ from dataclasses import dataclass, field
 
 import ray
 from ray.exceptions import RayActorError
-from tqdm import tqdm
 
 from models.checkpoint import load_model
 from models.errors import UserError
-from pipeline.farm import (ChunkTask, ChunkWorker, ClipPlan, FaultPlan, Item, ItemManifest, ItemReport, Job,
-                           WorkFolder, join_chunks, plan_chunks, scan_clip)
-from pipeline.ray_runner import start_ray, stop_ray
+from pipeline.batch_job import Item, Job
+from pipeline.batch_join import join_chunks
+from pipeline.batch_manifest import WorkFolder
+from pipeline.batch_report import ItemReport, ItemState, Progress
+from pipeline.batch_worker import ChunkTask, FaultPlan
+from pipeline.chunks import ClipPlan, plan_chunks, scan_clip
+from pipeline.ray_cluster import connect_ray, one_line, stop_ray
+from pipeline.stylizer_actor import StylizerActor, stylizer_pool
 
 IN_FLIGHT_PER_WORKER = 2     # chunks submitted to one actor and not yet finished: one running, one queued
 MAX_ATTEMPTS = 3             # per chunk, counting the first
@@ -62,41 +64,6 @@ START_TIMEOUT_S = float(os.environ.get("MAMBAST_FARM_START_TIMEOUT", 600))
 PLANS_KEPT = 64              # clip plans remembered for the next items of the same clip
 WAIT_S = 1.0                 # longest wait for a result before checking for a stall
 IO_THREADS = 2               # the driver's threads for scanning clips and joining outputs
-
-
-# ----------------------------------------------------------------------------------------------------------
-# Connecting
-
-
-def connect_ray(address: str | None, num_cpus: int | None = None) -> str | None:
-    """Start a local loopback cluster (None), or join `address`; returns what `stop_ray` needs."""
-    if address is not None and is_loopback(address):
-        os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"   # for the processes Ray starts
-        ray._private.ray_constants.ENABLE_RAY_CLUSTER = False   # for this one (Ray read it when imported)
-    return start_ray(address, num_cpus=num_cpus)
-
-
-def is_loopback(address: str) -> bool:
-    host = address.split("://")[-1].rsplit(":", 1)[0].strip("[]")
-    return host in ("localhost", "::1") or host.startswith("127.")
-
-
-# ----------------------------------------------------------------------------------------------------------
-# What runs on the cluster
-
-
-class StylizerActor:
-    """A farm.ChunkWorker in an actor: the model loads once, then chunks of any item."""
-
-    def __init__(self, weights, device, threads, fault):
-        self.node = ray.get_runtime_context().get_node_id()
-        self.worker = ChunkWorker(weights, device, threads, fault)
-
-    def ready(self) -> str:
-        return self.node
-
-    def render(self, task: ChunkTask):
-        return dataclasses.replace(self.worker.render(task), node=self.node[:8])
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -141,18 +108,6 @@ class Pending:
     key: tuple | None = None
 
 
-@dataclass
-class ItemState:
-    manifest: ItemManifest
-    report: ItemReport
-    todo: deque = field(default_factory=deque)   # chunk tasks not yet submitted
-    outstanding: int = 0                         # chunks submitted and not yet written
-
-    @property
-    def item(self) -> Item:
-        return self.manifest.item
-
-
 class Farm:
     """One job's scheduling loop: open items a few ahead, keep every stylizer actor fed with chunks, record
     and join what comes back, retry what was lost. `run()` returns a report per item, in job order."""
@@ -171,7 +126,7 @@ class Farm:
         self.plans: OrderedDict = OrderedDict()  # (clip, threshold) -> ClipPlan
         self.planning: dict = {}                 # (clip, threshold) -> Future of the scan
         self.workers: list[Worker] = []
-        self.worker_count, self.actor_options, self.device = self._size(workers)
+        self.worker_count, self.actor_options, self.device, _ = stylizer_pool(job.device, workers, job.threads)
         self.plan_ahead = self.worker_count + 2
         self.starts_left = 2 * self.worker_count + MAX_ATTEMPTS  # replacements, so a crash loop cannot run forever
         self.waiting_since = time.monotonic()
@@ -229,13 +184,13 @@ class Farm:
             state = ItemState(manifest, report)
             if manifest.status == "done":
                 report.status, report.frames = "skipped", manifest.frames
-                report.chunks = len(manifest.spans or ())
+                report.chunks = len(manifest.chunks or ())
                 self.progress.skipped()
                 continue
             self.open.append(state)
             self.peak["open_items"] = max(self.peak["open_items"], len(self.open))
             self.progress.expect(state)
-            if manifest.spans is not None:
+            if manifest.chunks is not None:
                 self._queue_chunks(state)
             else:
                 self._plan(state)
@@ -266,23 +221,24 @@ class Farm:
             self._planned(state, plan)
 
     def _planned(self, state: ItemState, plan: ClipPlan) -> None:
-        lead_in = state.item.settings.stylizer_config().lead_in
-        state.manifest.set_plan(plan, plan_chunks(plan, state.item.settings.chunk_frames, lead_in))
+        settings = state.item.settings
+        chunks = plan_chunks(range(plan.frames), plan.cuts, settings.chunk_frames, settings.stylizer_config().lead_in)
+        state.manifest.set_plan(plan, chunks)
         self._queue_chunks(state)
 
     def _queue_chunks(self, state: ItemState) -> None:
         """Queue the chunks not yet written (a resumed item keeps the verified ones)."""
         item, manifest = state.item, state.manifest
         written = manifest.verified_chunks()
-        spans = manifest.spans
-        state.report.chunks = len(spans)
+        chunks = manifest.chunks
+        state.report.chunks = len(chunks)
         state.report.resumed_chunks = len(written)
-        state.report.frames = sum(s.frames for s in spans if s.index in written)
+        state.report.frames = sum(c.frames for c in chunks if c.index in written)
         self.progress.planned(state, resumed=state.report.frames)
-        for span in spans:
-            if span.index not in written:
-                state.todo.append(ChunkTask(item.number, item.clip, item.style.spec, item.settings, span,
-                                            manifest.chunk_path(span.index)))
+        for chunk in chunks:
+            if chunk.index not in written:
+                state.todo.append(ChunkTask(item.number, item.clip, item.style.spec, item.settings, chunk,
+                                            manifest.chunk_path(chunk.index)))
         if not state.todo:  # every chunk was written by an earlier run: only the join is left
             self.open.remove(state)
             self._join(state)
@@ -338,10 +294,10 @@ class Farm:
         if isinstance(cause, UserError):
             self._fail(state, str(cause))
         elif task.attempt >= MAX_ATTEMPTS:
-            self._fail(state, f"chunk {task.span.index} failed {task.attempt} times, last: {one_line(error)}")
+            self._fail(state, f"chunk {task.chunk.index} failed {task.attempt} times, last: {one_line(error)}")
         else:
             state.report.retries += 1
-            self.progress.note(f"retrying chunk {task.span.index} of {self._name(state)} "
+            self.progress.note(f"retrying chunk {task.chunk.index} of {self._name(state)} "
                                f"(attempt {task.attempt + 1}): {one_line(error)}")
             self.retries.appendleft((dataclasses.replace(task, attempt=task.attempt + 1), state, worker))
 
@@ -350,7 +306,7 @@ class Farm:
 
     def _join(self, state: ItemState) -> None:
         item, manifest = state.item, state.manifest
-        chunks = [(manifest.chunk_path(span.index), span.start) for span in manifest.spans]
+        chunks = [(manifest.chunk_path(chunk.index), chunk.kept.start) for chunk in manifest.chunks]
         state.report.started = state.report.started or time.perf_counter()  # all chunks came from an earlier run
         metadata = {"mambast": {"batch": {"job": self.job.name, "entry": item.entry, "clip": item.clip,
                                           "style": item.style.spec, "settings": dataclasses.asdict(item.settings),
@@ -388,21 +344,6 @@ class Farm:
         return os.path.relpath(state.item.output, self.job.output_dir)
 
     # -- workers
-
-    def _size(self, workers: int | None) -> tuple[int, dict, str]:
-        """How many stylizer actors, what each asks Ray for, and their torch device."""
-        resources = ray.cluster_resources()
-        gpus, cpus = int(resources.get("GPU", 0)), max(1, int(resources.get("CPU", 1)))
-        if workers is not None and workers < 1:
-            raise UserError(f"--workers: must be >= 1, got {workers}")
-        if self.job.device.startswith("cuda") and not gpus:
-            raise UserError(f"{self.job.name}: device: {self.job.device} asked for, but the cluster has no GPUs")
-        if gpus and self.job.device != "cpu":
-            count = workers or gpus
-            return count, {"num_gpus": min(1.0, gpus / count), "num_cpus": 1}, self.job.device
-        count = workers or max(1, cpus // self.job.threads)
-        device = "cpu" if self.job.device == "auto" else self.job.device
-        return count, {"num_cpus": min(float(self.job.threads), cpus / count)}, device
 
     def _start_worker(self) -> None:
         if self.starts_left <= 0:
@@ -457,102 +398,3 @@ class Farm:
         for ref, pending in list(self.pending.items()):
             if pending.kind == "chunk":
                 self._fail(pending.items[0], reason)
-
-
-def one_line(error: BaseException) -> str:
-    """A remote error in one short line: a UserError's own message, else the type and the first sentence."""
-    cause = getattr(error, "cause", None) or error
-    if isinstance(cause, UserError):
-        return str(cause)
-    lines = [line.strip() for line in str(cause).strip().splitlines() if line.strip()]
-    if isinstance(cause, ray.exceptions.RayActorError):  # Ray's text: a paragraph, the reason on its last line
-        lines = [lines[-1].split(". ")[0].rstrip(".") + "."] if lines else []
-    return f"{type(cause).__name__}: {lines[0] if lines else ''}"
-
-
-# ----------------------------------------------------------------------------------------------------------
-# Progress
-
-
-class Progress:
-    """One bar for the whole job: frames, fps and ETA, with items done/failed and the items being rendered
-    (frames done/total) in its postfix; a line per finished item. Off with progress=False or MAMBAST_QUIET=1."""
-
-    SHOWN_ITEMS = 2
-
-    def __init__(self, job: Job, enabled: bool = True):
-        quiet = os.environ.get("MAMBAST_QUIET", "") not in ("", "0")
-        self.enabled = enabled and not quiet
-        self.job = job
-        self.bar = tqdm(total=0, unit="frame", desc=job.name, disable=not self.enabled, dynamic_ncols=True,
-                        smoothing=0.1)
-        self.done = self.failed = 0
-        self.active: OrderedDict[int, ItemState] = OrderedDict()   # item number -> state, while it renders
-        self.counted: dict[int, int] = {}   # item number -> frames it adds to the bar's total
-        self._postfix()
-
-    def expect(self, state: ItemState) -> None:
-        """An item is opened: count its frames, from the container header until the plan has the exact number."""
-        self.active[state.item.number] = state
-        self._count(state, state.manifest.frames or estimate_frames(state.item.clip))
-
-    def planned(self, state: ItemState, resumed: int) -> None:
-        """The exact frame count replaces the estimate; frames an earlier run wrote are not left to do."""
-        self._count(state, state.manifest.frames - resumed)
-
-    def _count(self, state: ItemState, frames: int) -> None:
-        number = state.item.number
-        self.bar.total += frames - self.counted.get(number, 0)
-        self.counted[number] = frames
-        self.bar.refresh()
-
-    def frames(self, count: int) -> None:
-        self.bar.update(count)
-        self._postfix()
-
-    def note(self, text: str) -> None:
-        if self.enabled:
-            self.bar.write(text)
-
-    def skipped(self) -> None:
-        self.done += 1
-        self._postfix()
-
-    def item_done(self, state: ItemState) -> None:
-        r = state.report
-        self.active.pop(r.item.number, None)
-        self.counted.pop(r.item.number, None)
-        name = os.path.relpath(r.item.output, self.job.output_dir)
-        if r.status == "done":
-            self.done += 1
-            retries = f", {r.retries} chunk(s) retried" if r.retries else ""
-            self.note(f"done   {name}: {r.frames} frames in {r.seconds:.1f} s ({r.fps:.2f} fps){retries}")
-        else:
-            self.failed += 1
-            self.note(f"FAILED {name}: {r.error}")
-        self._postfix()
-
-    def _postfix(self) -> None:
-        text = f"items {self.done}/{len(self.job.items)} done" + (f", {self.failed} failed" if self.failed else "")
-        rendering = [f"{os.path.basename(s.item.output)} {s.report.frames}/{s.manifest.frames or '?'}"
-                     for s in list(self.active.values())[:self.SHOWN_ITEMS]]
-        self.bar.set_postfix_str(" | ".join([text, *rendering]))
-
-    def close(self) -> None:
-        self.bar.close()
-
-
-def estimate_frames(path: str) -> int:
-    """The container's idea of a clip's frame count (header only; 0 when it has none)."""
-    try:
-        import av
-
-        with av.open(path) as container:
-            stream = container.streams.video[0]
-            if stream.frames:
-                return stream.frames
-            if stream.duration and stream.average_rate:
-                return round(stream.duration * stream.time_base * stream.average_rate)
-    except Exception:  # a folder of images, a damaged file: the plan will say
-        pass
-    return 0
