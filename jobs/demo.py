@@ -8,7 +8,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from jobs.assets import demo_clip, gcompris_paintings, starry_night
+from pipeline.packaged_media import demo_clip, gcompris_paintings, starry_night
 from models.errors import UserError
 from pipeline.local_runner import run_local, run_preview
 from pipeline.stylize_job import StylizeJob

@@ -40,7 +40,7 @@ import cv2
 import numpy as np
 import torch
 
-from jobs.stylize import read_preset
+from pipeline.settings import read_preset
 from models.checkpoint import load_model
 from models.errors import UserError
 from models.losses import gram, mean_std, normalise

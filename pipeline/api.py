@@ -93,7 +93,7 @@ class Stylizer:
         >>> stylizer.set_style({"starry.jpg": 2, "wave.png": 1})
         """
         if style is None:
-            from jobs.assets import starry_night  # packaged media live with the jobs
+            from pipeline.packaged_media import starry_night
 
             style = starry_night()
         self.style: StyleImage | StyleBlend | StyleSchedule = parse_style(style, fps)

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 
-from jobs.assets import skimage_photo
+from pipeline.packaged_media import skimage_photo
 from models.checkpoint import save_model
 from models.errors import UserError
 from pipeline import Stylizer

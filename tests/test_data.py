@@ -8,7 +8,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from jobs import assets, data, style_corpus
+from jobs import data, style_corpus
+from pipeline import packaged_media as assets
 from models.errors import UserError
 
 needs_media = pytest.mark.skipif(

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from jobs import assets
+from pipeline import packaged_media as assets
 from jobs.cli import main
 from jobs.eval_quality import colour_transfer
 

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import torch
 
-from jobs.assets import skimage_photo
+from pipeline.packaged_media import skimage_photo
 from jobs.cli import main as cli_main
 from models.checkpoint import save_model
 from pipeline.images import load_image, save_png

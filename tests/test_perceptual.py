@@ -4,7 +4,7 @@ import pytest
 import torch
 from PIL import Image
 
-from jobs.assets import skimage_photo
+from pipeline.packaged_media import skimage_photo
 from models import losses
 from models.errors import UserError
 from models.perceptual import (_PACKAGED, VGG19Caffe, VGGNormalised, _packaged_file, load_perceptual,
