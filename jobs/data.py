@@ -14,7 +14,7 @@ this job gathers what is (docs/assets.md, jobs/assets.py):
 Every image is resized so its short side is --size. Splits are deterministic for a seed: photos are drawn
 at random per source, each clip holds out its last sampled frames (so validation frames come after all of
 that clip's training frames), and the paintings named by --val-styles are held out as unseen styles. With
---styles corpus every style source group also holds out a seeded draw of about --val-fraction of its images,
+--styles corpus every style source group also holds out a seeded draw of about --style-val-fraction of its images,
 drawn by family: near-identical images (one picture at two sizes, one figure in two sky cultures) share a
 family and so a side. The set is written into a staging folder and moved into place only when complete.
 """
@@ -28,13 +28,14 @@ import os
 import random
 import re
 import shutil
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
 from PIL import Image
 from tqdm import tqdm
 
+from jobs import style_corpus
+from jobs.dataset_item import Item
 from pipeline import packaged_media as assets
 from models.errors import UserError
 
@@ -67,19 +68,6 @@ STYLE_NOTICE = ("style/ holds GPL-3.0-or-later scans from gcompris-qt-data (and,
                 "are not GPL")
 
 
-@dataclass
-class Item:
-    """One image of the set, before it is written."""
-
-    name: str  # file stem, unique within its kind
-    kind: str  # "content" or "style"
-    group: str  # splits are drawn per group: a photo source, one clip, or a style source ("gcompris", "krita")
-    load: Callable[[], Image.Image]
-    info: dict = field(default_factory=dict)  # source, licence and, where known, title/credit/url
-    family: str = ""  # styles of one family (near-identical images) land on one side of the split; "": alone
-    split: str = "train"
-
-
 def register(subparsers: argparse._SubParsersAction) -> None:
     data = subparsers.add_parser("data", help="build the offline training set",
                                  description="Training data from packaged media (see `mambast data build -h`).")
@@ -89,10 +77,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         description=__doc__.split("\n\n", 1)[1], formatter_class=argparse.RawDescriptionHelpFormatter)
     build.add_argument("dir", type=Path, metavar="DIR", help="output folder")
     build.add_argument("--val-fraction", type=float, default=0.1,
-                       help="share of each photo source, each clip and (--styles corpus) each style source held out "
-                            "for validation (default 0.1)")
+                       help="share of each photo source and each clip held out for validation (default 0.1)")
+    build.add_argument("--style-val-fraction", type=float, default=0.15,
+                       help="with --styles corpus: share of each style source group held out (default 0.15: "
+                            "≥ 40 held-out styles)")
     build.add_argument("--seed", type=int, default=0,
-                       help="seed for the splits and the corpus' portrait draw (default 0)")
+                       help="seed for the splits and the corpus' capped draws (default 0)")
     build.add_argument("--styles", choices=STYLE_SETS, default="classic",
                        help="classic: the 23 paintings (default; what the training recipes were built with); "
                             "corpus: plus hundreds of style images from large Debian packages (training only)")
@@ -107,7 +97,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 def run_build(args: argparse.Namespace) -> int:
     val_styles = [s.strip().lower() for s in args.val_styles.split(",") if s.strip()]
     manifest = build_training_set(args.dir, size=args.size, seed=args.seed, val_fraction=args.val_fraction,
-                                  val_styles=val_styles, styles=args.styles, force=args.force)
+                                  style_val_fraction=args.style_val_fraction, val_styles=val_styles,
+                                  styles=args.styles, force=args.force)
     counts = manifest["counts"]
     print(f"{args.dir}: content {counts['content']['train']} train / {counts['content']['val']} val, "
           f"style {counts['style']['train']} train / {counts['style']['val']} val")
@@ -117,19 +108,19 @@ def run_build(args: argparse.Namespace) -> int:
 
 
 def build_training_set(out: Path, *, size: int = 512, seed: int = 0, val_fraction: float = 0.1,
+                       style_val_fraction: float = 0.15,
                        val_styles: list[str] | tuple[str, ...] = DEFAULT_VAL_STYLES, styles: str = "classic",
                        force: bool = False) -> dict:
     """Write the training set into `out` (see the module docstring) and return its manifest."""
     out = Path(out)
     if size < 32:
         raise UserError(f"--size {size}: too small (need at least 32 px)")
-    if not 0 <= val_fraction < 1:
-        raise UserError(f"--val-fraction {val_fraction}: must be in [0, 1)")
+    for flag, fraction in (("--val-fraction", val_fraction), ("--style-val-fraction", style_val_fraction)):
+        if not 0 <= fraction < 1:
+            raise UserError(f"{flag} {fraction}: must be in [0, 1)")
     if styles not in STYLE_SETS:
         raise UserError(f"--styles {styles}: must be one of {', '.join(STYLE_SETS)}")
     if styles == "corpus":
-        from jobs import style_corpus  # imports this module's Item
-
         style_corpus.check_installed()
     _check_output(out, force)
 
@@ -141,7 +132,8 @@ def build_training_set(out: Path, *, size: int = 512, seed: int = 0, val_fractio
         items += corpus
         corpus_report = {"style_corpus": {"stellarium_cultures": style_corpus.stellarium_cultures(),
                                           "dropped": dropped}}
-    style_val_fraction = val_fraction if styles == "corpus" else 0.0
+    if styles != "corpus":
+        style_val_fraction = 0.0  # the classic set holds out exactly --val-styles
     assign_splits(items, val_fraction, seed, val_styles, style_val_fraction)
 
     staging = out / ".data-build.partial"

@@ -4,7 +4,7 @@ These packages (≈600 MB together) are for training only; install.sh and CI nev
 
     wesnoth-1.16-data + 16 campaigns  painted story scenes, the world map    -> group "wesnoth_story"
                                       painted portraits (one house style)    -> group "wesnoth_portrait" (capped)
-    stellarium-data                   sky-culture figures of free cultures   -> group "stellarium" (cropped to the art)
+    stellarium-data                   sky-culture figures of free cultures   -> group "stellarium" (cropped, capped)
     krita-data                        paper, canvas, hatching patterns       -> group "krita" (.png and GIMP .pat)
     hedgewars-data                    land textures and skies of the themes  -> group "hedgewars"
     gnome-backgrounds                 wallpapers (.webp)                     -> group "gnome"
@@ -12,7 +12,7 @@ These packages (≈600 MB together) are for training only; install.sh and CI nev
     corpus_items()  every candidate as a style `Item` (licence, source package and path in its info)
         -> select_usable(items, seed)  drop the images LOOKED_AT_AND_SKIPPED; open the rest once: drop tiny,
                                        near-blank and mostly-black images and exact duplicates; cap the
-                                       portraits' share by a seeded draw; join near-identical images (same
+                                       shares of the portraits and the sky figures by a seeded draw; join near-identical images (same
                                        family name or perceptual hash) into one `family`
         -> jobs/data.py splits by family and writes the files
 
@@ -32,7 +32,7 @@ from typing import Callable
 import numpy as np
 from PIL import Image
 
-from jobs.data import Item
+from jobs.dataset_item import Item
 from models.errors import UserError
 
 WESNOTH_DATA = Path("/usr/share/games/wesnoth/1.16/data")
@@ -75,7 +75,9 @@ MIN_COLOUR_STD = 3.0  # largest per-channel std at 256 px; below: a flat image
 MIN_DETAIL = 1.0  # mean |horizontal| + |vertical| grey step at 256 px; below: a smooth gradient
 MIN_ART_SHARE = 0.15  # figures on black (stellarium, portraits): share of non-black pixels after the crop
 CROPPED_GROUPS = ("stellarium", "wesnoth_portrait")  # figures on black or transparency: cropped to the art
-PORTRAIT_SHARE = 0.25  # the portraits' cap, as a share of the whole style set
+# Groups drawn in one house style are capped, as a share of the whole style set: wesnoth's portraits (one
+# painter's look), stellarium's figures (mostly grey drawings on black; 71 of them one artist's western set).
+GROUP_CAPS = {"wesnoth_portrait": 0.25, "stellarium": 0.20}
 NEAR_IDENTICAL_BITS = 4  # difference hashes this close (of 64 bits) are one picture
 
 
@@ -349,8 +351,8 @@ def select_usable(items: list[Item], seed: int, progress: Callable = lambda item
         hashes[item.name] = difference_hash(image)
         kept.append(item)
 
-    kept, capped = _cap_portraits(kept, seed)
-    dropped += [{"source": item.info["source"], "reason": f"portrait cap ({PORTRAIT_SHARE:.0%} of the set)"}
+    kept, capped = _cap_groups(kept, seed)
+    dropped += [{"source": item.info["source"], "reason": f"{item.group} cap ({GROUP_CAPS[item.group]:.0%} of the set)"}
                 for item in capped]
     _join_near_identical(kept, hashes)
     for item in kept:
@@ -358,15 +360,26 @@ def select_usable(items: list[Item], seed: int, progress: Callable = lambda item
     return kept, dropped
 
 
-def _cap_portraits(items: list[Item], seed: int) -> tuple[list[Item], list[Item]]:
-    """Keep at most PORTRAIT_SHARE of the (non-classic) set as wesnoth portraits, drawn with the seed."""
-    portraits = [item for item in items if item.group == "wesnoth_portrait"]
-    limit = int(PORTRAIT_SHARE / (1 - PORTRAIT_SHARE) * (len(items) - len(portraits)))
-    if len(portraits) <= limit:
-        return items, []
-    chosen = {item.name for item in random.Random(f"{seed}:portraits").sample(portraits, limit)}
-    return ([item for item in items if item.group != "wesnoth_portrait" or item.name in chosen],
-            [item for item in portraits if item.name not in chosen])
+def _cap_groups(items: list[Item], seed: int) -> tuple[list[Item], list[Item]]:
+    """(kept, capped): each group of GROUP_CAPS at most its share of the kept set, drawn with the seed.
+
+    With U images in groups whose cap does not bind, the kept set has N = U / (1 − Σ share of the binding
+    caps) images; a cap binds when its group has more than share·N. Found by shrinking the binding set."""
+    members = {group: [item for item in items if item.group == group] for group in GROUP_CAPS}
+    binding = {group for group in GROUP_CAPS if members[group]}
+    while True:
+        free = len(items) - sum(len(members[group]) for group in binding)
+        total = free / (1 - sum(GROUP_CAPS[group] for group in binding))
+        loose = {group for group in binding if len(members[group]) <= GROUP_CAPS[group] * total}
+        if not loose:
+            break
+        binding -= loose
+    dropped: set[str] = set()
+    for group in sorted(binding):
+        limit = int(GROUP_CAPS[group] * total)
+        chosen = {item.name for item in random.Random(f"{seed}:{group}").sample(members[group], limit)}
+        dropped |= {item.name for item in members[group] if item.name not in chosen}
+    return ([item for item in items if item.name not in dropped], [item for item in items if item.name in dropped])
 
 
 def _join_near_identical(items: list[Item], hashes: dict[str, int]) -> None:

@@ -9,6 +9,7 @@ import pytest
 from PIL import Image
 
 from jobs import data, style_corpus
+from jobs.dataset_item import Item
 from pipeline import packaged_media as assets
 from models.errors import UserError
 
@@ -96,11 +97,11 @@ def test_build_writes_splits_and_manifest_deterministically(tmp_path, capsys):
 
 def fake_items():
     blank = lambda: Image.new("RGB", (8, 8))  # noqa: E731
-    photos = [data.Item(f"p{i:02d}", "content", "photos", blank) for i in range(40)]
-    frames = [data.Item(f"clip_f{i:04d}", "content", "clip_x", blank) for i in range(0, 500, 25)]
+    photos = [Item(f"p{i:02d}", "content", "photos", blank) for i in range(40)]
+    frames = [Item(f"clip_f{i:04d}", "content", "clip_x", blank) for i in range(0, 500, 25)]
     titles = {"great_wave": "Hokusai, The Great Wave", "kandinky": "Wassily Kandinsky, Composition VIII",
               "mona_lisa": "Leonardo, Mona Lisa"}
-    styles = [data.Item(name, "style", "gcompris", blank, {"title": title}) for name, title in titles.items()]
+    styles = [Item(name, "style", "gcompris", blank, {"title": title}) for name, title in titles.items()]
     return photos + frames + styles
 
 
@@ -279,14 +280,16 @@ def test_corpus_sources_record_licence_package_and_path(fake_packages):
         assert item.info["source_path"] in item.info["source"]
 
     kept, dropped = style_corpus.select_usable(items, seed=0)
-    reasons = {d["source"].rsplit("/", 1)[1]: d["reason"] for d in dropped}
-    assert reasons["tiny.png"].startswith("short side 20 px")
-    assert reasons["Sky.png"].startswith("near-blank")
-    assert reasons["aries.png"].startswith("duplicate of")  # the same figure in two cultures
+    reasons = {}
+    for d in dropped:
+        reasons.setdefault(d["source"].rsplit("/", 1)[1], []).append(d["reason"])
+    assert reasons["tiny.png"][0].startswith("short side 20 px")
+    assert reasons["Sky.png"][0].startswith("near-blank")
+    assert any(r.startswith("duplicate of") for r in reasons["aries.png"])  # the same figure in two cultures
     assert {item.group for item in kept} == {"wesnoth_story", "wesnoth_portrait", "stellarium", "krita",
                                             "hedgewars", "gnome"}
     portraits = [item for item in kept if item.group == "wesnoth_portrait"]
-    assert len(portraits) <= style_corpus.PORTRAIT_SHARE * len(kept)
+    assert len(portraits) <= style_corpus.GROUP_CAPS["wesnoth_portrait"] * len(kept)
     assert all(item.load().size == (220 + 2 * 11, 210 + 2 * 10) for item in portraits)  # cropped to the figure
 
 
@@ -314,17 +317,17 @@ def corpus_like_items():
     def brighter():
         return Image.fromarray(np.clip(np.asarray(noise(400)).astype(int) + 3, 0, 255).astype(np.uint8))
 
-    classic = [data.Item(f"gcompris_p{i:02d}", "style", "gcompris", image(i)) for i in range(19)]
+    classic = [Item(f"gcompris_p{i:02d}", "style", "gcompris", image(i)) for i in range(19)]
     titles = {"gcompris_GreatWave": "Hokusai, The Great Wave", "gcompris_compo8": "Kandinsky, Composition VIII",
               "gcompris_joconde": "Leonardo da Vinci, Mona Lisa"}
-    classic += [data.Item(name, "style", "gcompris", image(100 + i), {"title": title})
+    classic += [Item(name, "style", "gcompris", image(100 + i), {"title": title})
                 for i, (name, title) in enumerate(titles.items())]
-    classic.append(data.Item("opencv_starry_night", "style", "opencv", image(200), {"title": "The Starry Night"}))
-    corpus = [data.Item(f"story_{i:02d}", "style", "wesnoth_story", image(300 + i), family=f"story:{i}")
+    classic.append(Item("opencv_starry_night", "style", "opencv", image(200), {"title": "The Starry Night"}))
+    corpus = [Item(f"story_{i:02d}", "style", "wesnoth_story", image(300 + i), family=f"story:{i}")
               for i in range(19)]
-    corpus.append(data.Item("story_00_enlarged", "style", "wesnoth_story", enlarged, family="story:enlarged"))
-    corpus += [data.Item(f"sky_{i:02d}", "style", "stellarium", image(400 + i), family=f"sky:{i}") for i in range(20)]
-    corpus.append(data.Item("sky_00_other_culture", "style", "stellarium", brighter, family="sky:0"))
+    corpus.append(Item("story_00_enlarged", "style", "wesnoth_story", enlarged, family="story:enlarged"))
+    corpus += [Item(f"sky_{i:02d}", "style", "stellarium", image(400 + i), family=f"sky:{i}") for i in range(20)]
+    corpus.append(Item("sky_00_other_culture", "style", "stellarium", brighter, family="sky:0"))
     for item in classic + corpus:
         item.info["source"] = item.name
     return classic, corpus
@@ -338,7 +341,25 @@ def split_corpus(seed):
     return items
 
 
-def test_corpus_split_is_seeded_holds_out_the_classics_and_never_splits_a_picture():
+def test_capped_groups_keep_their_share_of_the_set():
+    _, corpus = corpus_like_items()  # wesnoth_story and stellarium images, as the screening keeps them
+    portraits = [Item(f"portrait_{i:02d}", "style", "wesnoth_portrait", lambda: None) for i in range(30)]
+    kept, capped = style_corpus._cap_groups(corpus + portraits, seed=0)
+    assert len(kept) + len(capped) == len(corpus) + len(portraits)
+    for group, share in style_corpus.GROUP_CAPS.items():
+        n = sum(item.group == group for item in kept)
+        assert share * len(kept) - 1 <= n <= share * len(kept)  # binding caps, each at its share
+    stories = sum(item.group == "wesnoth_story" for item in corpus)
+    assert sum(item.group == "wesnoth_story" for item in kept) == stories  # the uncapped group is whole
+    again, _ = style_corpus._cap_groups(corpus + portraits, seed=0)
+    assert [item.name for item in again] == [item.name for item in kept]
+    stories_only = [item for item in corpus if item.group == "wesnoth_story"]
+    few, none = style_corpus._cap_groups(stories_only + portraits[:3], seed=0)
+    assert len(few) == stories + 3 and not none  # a cap that does not bind drops nothing
+
+
+def test_corpus_split_is_seeded_holds_out_the_classics_and_never_splits_a_picture(monkeypatch):
+    monkeypatch.setattr(style_corpus, "GROUP_CAPS", {"wesnoth_portrait": 0.25})  # this test is about the split
     items = split_corpus(seed=0)
     val = sorted(item.name for item in items if item.split == "val")
     assert val == sorted(item.name for item in split_corpus(seed=0) if item.split == "val")
