@@ -23,7 +23,6 @@ from pathlib import Path
 
 import numpy as np
 
-from jobs.evaluate import evaluate_temporal, style_distances, write_plot
 from models.checkpoint import load_model
 from models.perceptual import load_perceptual
 from pipeline.images import load_image
@@ -31,6 +30,7 @@ from pipeline.settings import Settings
 from pipeline.source import open_source
 from pipeline.stylizer import ClipStylizer, StylizerConfig
 from pipeline.temporal import TemporalConfig
+from pipeline.temporal_metrics import evaluate_temporal, style_distances, write_plot
 
 
 TIMING_REPEATS = 2

@@ -58,6 +58,9 @@ What makes the equality exact and not just close:
 
 The price is that nothing older than `warmup` frames contributes. Stacked smoothers add their memories: token
 and output smoothing together need chunks to start ``config.chunk_lead_in(2)`` frames early.
+
+What the smoothing achieves (warping error, drift from the per-frame output) is measured by
+pipeline/temporal_metrics.py, with a flow deliberately different from the one used here.
 """
 from __future__ import annotations
 

