@@ -1,4 +1,5 @@
-"""The paper's metrics (models/paper_metrics.py) on random-weight networks saved in the published key layouts.
+"""The paper's metrics (models/paper_metrics.py) on random-weight networks (models/paper_metric_nets.py) saved in
+the published key layouts.
 
 No real Inception/AlexNet/VGG weights exist here (docs/assets.md §1.1, §2). So each network gets random weights,
 goes through torch.save and the strict loader, and is checked on tiny random images.
@@ -10,9 +11,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from models.errors import UserError
-from models.paper_metrics import (AlexNetLPIPS, InceptionV3, PaperMetricNets, VGG19Relu31, art_fid, cfsd, fid,
-                                  frechet_distance, inception_features, load_paper_metric_nets, lpips_distance,
-                                  paper_metrics)
+from models.paper_metric_nets import AlexNetLPIPS, InceptionV3, VGG19Relu31
+from models.paper_metrics import (PaperMetricNets, art_fid, cfsd, fid, frechet_distance, inception_features,
+                                  load_paper_metric_nets, lpips_distance, paper_metrics)
 
 
 def randomise(net: nn.Module, seed: int) -> nn.Module:
