@@ -49,6 +49,19 @@ def resolve_device(device: str | torch.device) -> torch.device:
     return device
 
 
+def _setting(name: str, check, doc: str) -> property:
+    """A `Stylizer` attribute read from and written to its `config` (through `check` when given); a change restarts
+    a running stream's clip."""
+
+    def read(self):
+        return getattr(self.config, name)
+
+    def write(self, value) -> None:
+        self._configure(**{name: value if check is None else check(value)})
+
+    return property(read, write, doc=doc)
+
+
 class Stylizer:
     """Mamba-ST style transfer for images and frame streams, with strength, colour, blend and schedule controls.
 
@@ -99,29 +112,9 @@ class Stylizer:
         self.style: StyleImage | StyleBlend | StyleSchedule = parse_style(style, fps)
         self._generation += 1
 
-    @property
-    def working_size(self) -> int:
-        return self.config.working_size
-
-    @working_size.setter
-    def working_size(self, value: int) -> None:
-        self._configure(working_size=value)
-
-    @property
-    def strength(self) -> float:
-        return self.config.strength
-
-    @strength.setter
-    def strength(self, value: float) -> None:
-        self._configure(strength=check_strength(value))
-
-    @property
-    def preserve_color(self) -> bool:
-        return self.config.preserve_color
-
-    @preserve_color.setter
-    def preserve_color(self, value: bool) -> None:
-        self._configure(preserve_color=bool(value))
+    working_size = _setting("working_size", None, "short side the model runs at (0 = the frame's own size)")
+    strength = _setting("strength", check_strength, "0 = the content, 1 = full style")
+    preserve_color = _setting("preserve_color", bool, "keep the content's colours")
 
     def _configure(self, **changes) -> None:
         config = replace(self.config, **changes)
