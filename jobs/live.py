@@ -22,7 +22,7 @@ from pipeline.api import Stylizer
 from pipeline.camera import DEFAULT_FLOOR, AdaptiveWorkingSize, Window, camera_frames, size_ladder
 from pipeline.sink import FrameSink
 from pipeline.source import Frame, open_source
-from pipeline.styles import parse_style
+from pipeline.styles import parse_style, style_files
 
 REPORT_EVERY_S = 2.0  # seconds between frame-rate lines
 
@@ -94,8 +94,11 @@ def run(args) -> int:
     # 3. Frames in, stylized frames out, the working size adjusted between frames
     sink = None
     if args.output:
-        sink = (FrameSink(args.output, like=info, overwrite=args.overwrite) if info is not None
-                else FrameSink(args.output, fps=Fraction(fps).limit_denominator(1001), overwrite=args.overwrite))
+        record = {"mambast": {"live": {"input": name, "style": args.style or "default", "seed": args.seed,
+                                       "style_strength": args.style_strength, "weights": args.weights or "bundled"}}}
+        common = dict(overwrite=args.overwrite, metadata=record, protect=style_files(style) if style else ())
+        sink = (FrameSink(args.output, like=info, **common) if info is not None
+                else FrameSink(args.output, fps=Fraction(fps).limit_denominator(1001), **common))
     done, started = 0, time.perf_counter()
     try:
         done = _loop(stylizer, frames, sizes, sink, window)

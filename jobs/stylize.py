@@ -10,6 +10,17 @@ to loopback, or `--address`); `auto` (the default) takes `local` when the select
 
 `--preview N` stylizes N frames spread evenly over the selection (each on its own, without temporal smoothing)
 and writes a contact sheet, source | stylized, to OUTPUT, which must then be a .png.
+
+--style takes one image, a blend or a keyframe schedule (quote it in the shell):
+  --style painting.jpg                     one image
+  --style "a.jpg*0.7+b.jpg*0.3"            a blend: weights >= 0, normalised to sum 1 (a part without *w weighs 1)
+  --style "0:a.jpg,5s:b.jpg"               a schedule: a style per keyframe, in frames (120) or seconds (5s);
+                                           between keyframes it morphs, after the last it holds
+  --style "0:a.jpg,120:a.jpg*0.5+b.jpg*0.5"  keyframes may be blends
+A path that exists is always that file, whatever characters its name holds.
+
+A damaged input (a header listing more frames than the file holds, frames at the end that no longer decode) is
+stylized as far as it decodes, with one warning, recorded in the output's metadata; --strict refuses it.
 """
 from __future__ import annotations
 
@@ -30,8 +41,11 @@ DEFAULTS = asdict(Settings()) | RUN_KEYS  # what a preset and the flags may set
 def register(sub) -> None:
     p = sub.add_parser("stylize", help="stylize a video with a style image",
                        description=__doc__.split("\n\n", 1)[1], formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("input", metavar="INPUT", help="video file, image folder, or a pattern like frames/%%06d.png")
-    p.add_argument("--style", required=True, metavar="IMAGE", help="the style image")
+    p.add_argument("input", metavar="INPUT", help="video file, image folder, or a pattern like frames/%%06d.png "
+                                                  "(a file that exists is that file, %% in its name or not)")
+    p.add_argument("--style", required=True, metavar="STYLE",
+                   help="a style image, a blend 'a.jpg*0.7+b.jpg*0.3' or a keyframe schedule '0:a.jpg,5s:b.jpg' "
+                        "(see above)")
     p.add_argument("-o", "--output", required=True, metavar="OUTPUT",
                    help=".mp4/.mov/.mkv, a folder or frames/%%06d.png for PNG frames; .png with --preview")
     p.add_argument("--weights", help="checkpoint folder or .safetensors file (default: the bundled weights)")
@@ -43,6 +57,8 @@ def register(sub) -> None:
     frames.add_argument("--every-nth", type=int, default=1, help="take every n-th frame; each is shown n frames long")
     frames.add_argument("--max-frames", type=int, help="at most this many frames")
     frames.add_argument("--preview", type=int, metavar="N", help="write a contact sheet of N frames instead")
+    frames.add_argument("--strict", action="store_const", const=True,
+                        help="refuse a damaged input instead of stylizing the frames that decode")
     look = p.add_argument_group("stylization (defaults: the preset, else the values shown)")
     look.add_argument("--working-size", type=int, help=f"short side the model runs at (smaller frames are enlarged to it), 0 = source size "
                                                        f"({DEFAULTS['working_size']})")
@@ -104,6 +120,6 @@ def choose_runner(job: StylizeJob, runner: str, address: str | None) -> str:
         return runner
     if address:
         return "ray"
-    selected = open_source(job.input, backend=DECODE_BACKEND).select(job.start, job.end, job.every_nth,
-                                                                      job.max_frames)
+    source = open_source(job.input, backend=DECODE_BACKEND, strict=job.settings.strict)
+    selected = source.select(job.start, job.end, job.every_nth, job.max_frames)
     return "local" if len(selected) <= (job.settings.chunk_frames or RAY_CHUNK_FRAMES) else "ray"

@@ -140,15 +140,84 @@ def save_model(model: MambaST, path: str | os.PathLike, meta: dict | None = None
     return path
 
 
+def available_memory() -> int:
+    """Bytes this process may still allocate: the least of the memory the kernel reports available, the cgroup's
+    limit less its usage, and MAMBAST_MEMORY_GB when set (for tests and for sharing a machine)."""
+    limits = []
+    try:
+        with open("/proc/meminfo") as file:
+            for line in file:
+                if line.startswith("MemAvailable:"):
+                    limits.append(int(line.split()[1]) * 1024)
+    except OSError:
+        pass
+    for limit_file, usage_file in (("/sys/fs/cgroup/memory.max", "/sys/fs/cgroup/memory.current"),
+                                   ("/sys/fs/cgroup/memory/memory.limit_in_bytes",
+                                    "/sys/fs/cgroup/memory/memory.usage_in_bytes")):
+        try:
+            limit, usage = Path(limit_file).read_text().strip(), Path(usage_file).read_text().strip()
+            if limit.isdigit() and int(limit) < 2**60:
+                limits.append(int(limit) - int(usage))
+        except (OSError, ValueError):
+            continue
+    if os.environ.get("MAMBAST_MEMORY_GB"):
+        try:
+            limits.append(int(float(os.environ["MAMBAST_MEMORY_GB"]) * 2**30))
+        except ValueError:
+            raise UserError(f"MAMBAST_MEMORY_GB: must be a number of gigabytes, got "
+                            f"{os.environ['MAMBAST_MEMORY_GB'][:40]!r}") from None
+    return max(0, min(limits)) if limits else 2**62
+
+
+def estimated_parameters(cfg: MambaSTConfig) -> int:
+    """About how many parameters a config's model has (never more than ~2x too few), from its widths alone: the
+    size is checked before anything is allocated (a `d_model: 30000` would need hundreds of GB)."""
+    d, di, ds, dt = cfg.d_model, cfg.d_inner, cfg.d_state, cfg.dt_rank
+    layer = 3 * d * di + di * (3 * ds + dt + 6)
+    layers = 2 * cfg.n_encoder_layers + 2 * cfg.n_decoder_layers
+    channels = (d, *cfg.decoder_channels, 3)
+    decoder = sum(9 * a * b for a, b in zip(channels, channels[1:]))
+    return layers * layer + decoder + 3 * d * cfg.patch_size ** 2
+
+
+def _check_model_size(cfg: MambaSTConfig, config: Path, weights: Path, sd: dict | None) -> None:
+    """Refuse, before the model is built, a config whose model would not fit in memory or does not match the
+    weights file (far more parameters than the file holds)."""
+    needed = estimated_parameters(cfg) * 4
+    if needed > available_memory():
+        raise UserError(f"{config}: this model config (d_model {cfg.d_model}, d_state {cfg.d_state}) needs about "
+                        f"{needed / 2**30:.1f} GB for its weights alone; {available_memory() / 2**30:.1f} GB is "
+                        f"available")
+    if sd is not None:
+        held = sum(t.numel() for t in sd.values())
+        if needed / 4 > 4 * held + 10**6:
+            raise UserError(f"{config}: this model config (d_model {cfg.d_model}) makes about "
+                            f"{needed / 4 / 1e6:.0f} M parameters, but {weights.name} holds {held / 1e6:.1f} M: "
+                            f"the config does not match the weights")
+
+
 def _locate(path: Path) -> tuple[Path, Path]:
     if path.is_dir():
         return path / "model.safetensors", path / "config.yaml"
     return path, path.with_suffix(".yaml")
 
 
+def read_model_config(path: str | os.PathLike | None = None, **overrides) -> MambaSTConfig:
+    """The model config stored with weights in our format (default: the bundled ones), without loading them."""
+    path = Path(path) if path is not None else BUNDLED_DIR
+    _, config = _locate(path)
+    doc = read_yaml(config)
+    try:
+        return MambaSTConfig.from_dict({**(doc.get("model") or {}), **overrides})
+    except (TypeError, ValueError) as e:
+        raise UserError(f"{config}: {str(e)[:200]}") from None
+
+
 def load_model(path: str | os.PathLike | None = None, device: str | torch.device = "cpu",
                **overrides) -> MambaST:
     """Load our format (default: the bundled weights). `overrides` set config fields (e.g. scan_backend)."""
+    if path is not None and not isinstance(path, (str, os.PathLike)):
+        raise UserError(f"weights: expected a checkpoint folder or file path, got {type(path).__name__}")
     path = Path(path) if path is not None else BUNDLED_DIR
     weights, config = _locate(path)
     if not weights.exists():
@@ -157,15 +226,13 @@ def load_model(path: str | os.PathLike | None = None, device: str | torch.device
     if weights.suffix == ".pth":
         raise UserError(f"{weights}: an official .pth file; convert it first: "
                         f"mambast convert-official --mamba M --decoder D --embedding E -o DIR")
+    cfg = read_model_config(path, **overrides)
     doc = read_yaml(config)
-    try:
-        cfg = MambaSTConfig.from_dict({**doc.get("model", {}), **overrides})
-    except (TypeError, ValueError) as e:
-        raise UserError(f"{config}: {e}") from None
     try:
         sd = load_file(str(weights))
     except (SafetensorError, OSError, ValueError) as e:
         raise UserError(f"{weights}: not a safetensors checkpoint ({str(e).splitlines()[0][:120]})") from None
+    _check_model_size(cfg, config, weights, sd)
     model = MambaST(cfg)
     check_state_dict(sd, _expected(model), str(weights))
     model.load_state_dict({k: v.float() for k, v in sd.items()}, strict=True)

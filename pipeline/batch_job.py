@@ -20,9 +20,9 @@ from pathlib import Path
 
 import av
 
-from models.checkpoint import BUNDLED_DIR, read_yaml
+from models.checkpoint import BUNDLED_DIR
 from models.errors import UserError
-from pipeline.settings import RUN_KEYS, Settings, read_preset, settings_from, typed, unknown_key
+from pipeline.settings import RUN_KEYS, Settings, read_preset, read_yaml, settings_from, short_repr, typed, unknown_key
 from pipeline.sink import ENCODERS, VIDEO_EXTENSIONS
 from pipeline.styles import StyleImage, parse_blend, parse_schedule
 
@@ -137,7 +137,8 @@ def load_job(path: str | os.PathLike) -> Job:
     for i, entry in enumerate(typed_field(raw, "clips", list, [], fail)):
         found = expand_clips(entry, base, f"clips[{i}]", fail)
         clips += [(f"clips[{i}]" + (f"({os.path.basename(p)})" if len(found) > 1 else ""), p) for p in found]
-    styles = [(f"styles[{i}]", read_style(entry, base, f"styles[{i}]", fail))
+    checked: dict = {}  # every style image is decoded once, however many items name it
+    styles = [(f"styles[{i}]", read_style(entry, base, f"styles[{i}]", fail, checked))
               for i, entry in enumerate(typed_field(raw, "styles", list, [], fail))]
     if bool(clips) != bool(styles) and ("clips" in raw or "styles" in raw):
         missing = "styles" if clips else "clips"
@@ -156,7 +157,7 @@ def load_job(path: str | os.PathLike) -> Job:
             if entry.get(key) is None:
                 raise fail(where, f"needs a {key}")
         clip_paths = expand_clips(typed_field(entry, "clip", str, None, fail, where), base, f"{where}.clip", fail)
-        style = read_style(entry["style"], base, f"{where}.style", fail)
+        style = read_style(entry["style"], base, f"{where}.style", fail, checked)
         settings = settings_from(typed_field(entry, "settings", dict, {}, fail, where), f"{name}: {where}.settings",
                                  base=job_settings)
         item_template = typed_field(entry, "output", str, template, fail, where)
@@ -200,9 +201,9 @@ def batch_choices(settings: Settings) -> Settings:
 def expand_clips(pattern, base: str, where: str, fail) -> list[str]:
     """A clip path, folder (image sequence) or glob, relative to the job file; globs expand in sorted order."""
     if not isinstance(pattern, str) or not pattern.strip():
-        raise fail(where, f"must be a path or a glob, got {pattern!r}")
+        raise fail(where, f"must be a path or a glob, got {short_repr(pattern)}")
     full = os.path.normpath(os.path.join(base, os.path.expanduser(pattern)))
-    if glob.has_magic(pattern):
+    if glob.has_magic(pattern) and not os.path.exists(full):  # a file that exists is that file: "take [1].mp4"
         found = sorted(p for p in glob.glob(full, recursive=True) if os.path.isfile(p))
         if not found:
             raise fail(where, f"no files match {pattern}")
@@ -215,9 +216,11 @@ def expand_clips(pattern, base: str, where: str, fail) -> list[str]:
 _KEYFRAME = re.compile(r"^\s*(\d+(?:\.\d+)?s?)\s*:(.*)$")
 
 
-def read_style(entry, base: str, where: str, fail) -> Style:
+def read_style(entry, base: str, where: str, fail, checked: dict | None = None) -> Style:
     """A style entry: an image path, a blend "a.jpg*0.7+b.jpg*0.3", a schedule "0:a.jpg,5s:b.jpg", or a mapping
-    {style: ..., name: ...}. Paths are made absolute (relative to the job file) and every image is loaded once."""
+    {style: ..., name: ...}. Paths are made absolute (relative to the job file) and every image is decoded once
+    per `checked` (path -> the problem with it, or None): a job's items share it."""
+    checked = {} if checked is None else checked
     name = None
     if isinstance(entry, dict):
         if problem := unknown_key(entry, STYLE_KEYS):
@@ -225,7 +228,7 @@ def read_style(entry, base: str, where: str, fail) -> Style:
         name = typed_field(entry, "name", str, None, fail, where)
         entry = entry.get("style")
     if not isinstance(entry, str) or not entry.strip():
-        raise fail(where, f"must be an image path, a blend or a schedule, got {entry!r}")
+        raise fail(where, f"must be an image path, a blend or a schedule, got {short_repr(entry)}")
     text = entry.strip()
     files: list[str] = []
 
@@ -234,10 +237,14 @@ def read_style(entry, base: str, where: str, fail) -> Style:
         full = os.path.normpath(os.path.join(base, os.path.expanduser(path_text)))
         if not os.path.isfile(full):
             raise fail(where, f"file not found: {path_text}")
-        try:
-            StyleImage.from_path(full)
-        except UserError as error:
-            raise fail(where, str(error)) from None
+        if full not in checked:
+            try:
+                StyleImage.from_path(full)
+                checked[full] = None
+            except UserError as error:
+                checked[full] = str(error)
+        if checked[full] is not None:
+            raise fail(where, checked[full])
         files.append(full)
         return full
 

@@ -12,6 +12,7 @@ from fractions import Fraction
 
 import av
 
+from models.errors import UserError
 from pipeline.batch_worker import chunk_format
 from pipeline.chunks import DECODE_BACKEND
 from pipeline.sink import AudioPassthrough
@@ -19,13 +20,14 @@ from pipeline.source import open_source
 
 
 def join_chunks(chunks: list[tuple[str, int]], output: str, clip: str, codec: str, audio: bool,
-                expected_frames: int, metadata: dict | None = None) -> int:
+                expected_frames: int, metadata: dict | None = None, strict: bool = True,
+                overwrite: bool = True) -> int:
     """Copy the chunks' packets, in order, into `output`, with the clip's audio remuxed once; returns the frames.
 
     `chunks` holds (chunk file, clip index of its first kept frame). Written under a hidden name beside `output`
-    and renamed onto it only when complete.
+    and renamed onto it only when complete; without `overwrite` only if nothing is at `output` at that moment.
     """
-    info = open_source(clip, backend=DECODE_BACKEND).info
+    info = open_source(clip, backend=DECODE_BACKEND, strict=strict).info
     relative = chunk_format(codec)[1]
     extension = os.path.splitext(output)[1].lower()
     folder, name = os.path.split(output)
@@ -55,7 +57,15 @@ def join_chunks(chunks: list[tuple[str, int]], output: str, clip: str, codec: st
         if passthrough:
             passthrough.finish(None)
         container.close()
-        os.replace(temp, output)
+        if overwrite:
+            os.replace(temp, output)
+        else:
+            try:
+                os.link(temp, output)  # atomic: fails if another run has put a file there since
+            except FileExistsError:
+                raise UserError(f"{output}: already exists (written by another run meanwhile); "
+                                f"set overwrite: true to replace it") from None
+            os.remove(temp)
     except BaseException:
         if passthrough:
             passthrough.close()

@@ -7,6 +7,7 @@
 """
 from __future__ import annotations
 
+import fcntl
 import json
 import os
 import shutil
@@ -14,7 +15,7 @@ import shutil
 import av
 
 from models.errors import UserError
-from pipeline.batch_job import MANIFEST_VERSION, Item, Job, describe_change
+from pipeline.batch_job import MANIFEST_VERSION, WORK_FOLDER, Item, Job, describe_change
 from pipeline.batch_worker import ChunkDone, chunk_format, count_video_packets
 from pipeline.chunks import Chunk, ClipPlan
 
@@ -73,6 +74,8 @@ class ItemManifest:
     def set_plan(self, plan: ClipPlan, chunks: list[Chunk]) -> None:
         self.data["plan"] = {"frames": plan.frames, "cuts": list(plan.cuts),
                              "chunks": [chunk.to_list() for chunk in chunks]}
+        if plan.damage:
+            self.data["plan"]["damage"] = plan.damage  # read anyway (not strict): the output records it too
         self.save()
 
     def record_chunk(self, done: ChunkDone) -> None:
@@ -114,6 +117,49 @@ class ItemManifest:
 
     def save(self) -> None:
         write_json_atomic(self.path, self.data)
+
+
+class RunLock:
+    """One `mambast batch` at a time per output folder: an exclusive flock on `<output_dir>/.mambast-batch/lock`.
+
+    The kernel drops the lock when its holder dies, however it dies (SIGKILL included), so a crashed run never
+    blocks the next; a second run while the first is alive is refused in one line naming it.
+    """
+
+    def __init__(self, job: Job):
+        self.job = job
+        self.path = os.path.join(job.output_dir, WORK_FOLDER, "lock")
+        self.fd: int | None = None
+
+    def acquire(self) -> RunLock:
+        try:
+            os.makedirs(os.path.dirname(self.path), exist_ok=True)
+            fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        except OSError as error:
+            raise UserError(f"{self.job.name}: cannot lock the output folder {self.job.output_dir} "
+                            f"({error.strerror or error})") from None
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.pread(fd, 200, 0).decode(errors="replace").strip() or "another process"
+            os.close(fd)
+            raise UserError(f"{self.job.name}: another mambast batch ({holder}) is working in "
+                            f"{self.job.output_dir}; wait until it ends, then run again") from None
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"pid {os.getpid()}, job {self.job.name}".encode(), 0)
+        self.fd = fd
+        return self
+
+    def release(self) -> None:
+        if self.fd is not None:
+            os.close(self.fd)  # closing drops the flock
+            self.fd = None
+
+    def __enter__(self) -> RunLock:
+        return self.acquire()
+
+    def __exit__(self, *exc) -> None:
+        self.release()
 
 
 class WorkFolder:

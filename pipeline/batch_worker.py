@@ -119,7 +119,7 @@ class ChunkRenderer:
 
     def render(self, task: ChunkTask) -> ChunkDone:
         started = time.perf_counter()
-        source = self._source(task.clip)
+        source = self._source(task.clip, task.settings.strict)
         info, chunk, settings = source.info, task.chunk, task.settings
         config = settings.stylizer_config()
         if len(chunk.lead_in) < min(config.lead_in, chunk.kept.start):
@@ -152,8 +152,9 @@ class ChunkRenderer:
                 and written == max(1, task.chunk.frames // 2)):
             os._exit(70)  # a crash mid-chunk: the partial chunk file stays behind under its temporary name
 
-    def _source(self, path: str) -> FrameSource:
-        return _least_recently_used(self._sources, path, lambda: open_source(path, backend=DECODE_BACKEND),
+    def _source(self, path: str, strict: bool) -> FrameSource:
+        return _least_recently_used(self._sources, (path, strict),
+                                    lambda: open_source(path, backend=DECODE_BACKEND, strict=strict),
                                     self.SOURCES_KEPT)
 
     def _style(self, spec: str, fps: Fraction):

@@ -106,13 +106,14 @@ def plan_chunks(selected: range, cuts: Sequence[int], chunk_frames: int, lead_in
 class ClipPlan:
     frames: int
     cuts: tuple[int, ...]   # frames that start a new shot (frame 0 is not listed)
+    damage: str | None = None  # what a damaged clip is missing (read anyway: not strict)
 
 
-def scan_clip(path: str, shot_threshold: float = DEFAULT_THRESHOLD) -> ClipPlan:
+def scan_clip(path: str, shot_threshold: float = DEFAULT_THRESHOLD, strict: bool = True) -> ClipPlan:
     """Count the clip's frames and find its shot cuts (one decode pass, one frame in memory at a time)."""
-    source = open_source(path, backend=DECODE_BACKEND)
+    source = open_source(path, backend=DECODE_BACKEND, strict=strict)
     cuts = ShotDetector(shot_threshold).find_cuts(frame.image for frame in source.frames())
-    return ClipPlan(source.info.num_frames, tuple(cuts))
+    return ClipPlan(source.info.num_frames, tuple(cuts), source.info.damage)
 
 
 def decode_chunk(source: FrameSource, chunk: Chunk) -> Iterator[Frame]:

@@ -51,7 +51,7 @@ from models.checkpoint import load_model
 from models.errors import UserError
 from pipeline.batch_job import Item, Job
 from pipeline.batch_join import join_chunks
-from pipeline.batch_manifest import WorkFolder
+from pipeline.batch_manifest import RunLock, WorkFolder
 from pipeline.batch_report import ItemReport, ItemState, Progress
 from pipeline.batch_worker import ChunkTask, FaultPlan
 from pipeline.chunks import ClipPlan, plan_chunks, scan_clip
@@ -78,17 +78,18 @@ def run_job(job: Job, address: str | None = None, workers: int | None = None, re
     outputs, a stale work folder, a bad checkpoint, an unreachable cluster, a device the cluster does not have.
     """
     work = WorkFolder(job)
-    work.check(resume)
-    load_model(job.weights)                        # a bad checkpoint is one clear line here, not N dead actors
-    owns_ray = not ray.is_initialized()
-    session = connect_ray(address) if owns_ray else None
-    try:
-        farm = Farm(job, work, workers, progress)
-        work.create()
-        return farm.run()
-    finally:
-        if owns_ray:
-            stop_ray(session)
+    with RunLock(job):                             # a second run on this output folder is refused, not raced
+        work.check(resume)
+        load_model(job.weights)                    # a bad checkpoint is one clear line here, not N dead actors
+        owns_ray = not ray.is_initialized()
+        session = connect_ray(address) if owns_ray else None
+        try:
+            farm = Farm(job, work, workers, progress)
+            work.create()
+            return farm.run()
+        finally:
+            if owns_ray:
+                stop_ray(session)
 
 
 @dataclass
@@ -196,7 +197,7 @@ class Farm:
                 self._plan(state)
 
     def _plan(self, state: ItemState) -> None:
-        key = (state.item.clip, state.item.settings.shot_threshold)
+        key = (state.item.clip, state.item.settings.shot_threshold, state.item.settings.strict)
         if key in self.plans:
             self._planned(state, self.plans[key])
         elif key in self.planning:
@@ -223,6 +224,9 @@ class Farm:
     def _planned(self, state: ItemState, plan: ClipPlan) -> None:
         settings = state.item.settings
         chunks = plan_chunks(range(plan.frames), plan.cuts, settings.chunk_frames, settings.stylizer_config().lead_in)
+        if plan.damage:
+            self.progress.note(f"warning: {os.path.basename(state.item.clip)}: {plan.damage}; stylizing the "
+                               f"{plan.frames} frames that decode (settings.strict refuses damaged files)")
         state.manifest.set_plan(plan, chunks)
         self._queue_chunks(state)
 
@@ -311,8 +315,11 @@ class Farm:
         metadata = {"mambast": {"batch": {"job": self.job.name, "entry": item.entry, "clip": item.clip,
                                           "style": item.style.spec, "settings": dataclasses.asdict(item.settings),
                                           "weights": self.job.weights or "bundled", "seed": item.settings.seed}}}
+        if damage := (manifest.data["plan"] or {}).get("damage"):
+            metadata["mambast"]["batch"]["source_damage"] = {"problem": damage, "frames_read": manifest.frames}
         future = self.io.submit(join_chunks, chunks, item.output, item.clip, item.settings.video_codec,
-                                item.settings.audio, manifest.frames, metadata)
+                                item.settings.audio, manifest.frames, metadata, item.settings.strict,
+                                self.job.overwrite or manifest.status == "done")
         self.pending[future] = Pending("join", items=[state])
 
     def _on_join(self, ref, pending: Pending) -> None:

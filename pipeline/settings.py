@@ -14,10 +14,13 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import os
+import reprlib
 from dataclasses import dataclass
 from pathlib import Path
 
-from models.checkpoint import read_yaml
+import yaml
+
 from models.errors import UserError
 from pipeline.shots import DEFAULT_THRESHOLD
 from pipeline.sink import ENCODERS, SEQUENCE_FORMATS
@@ -46,6 +49,7 @@ class Settings:
     chunk_frames: int = 0           # most kept frames per chunk (0: one piece locally, 64 on Ray, 240 in a batch)
     shot_threshold: float = DEFAULT_THRESHOLD  # a new shot resets the smoothing (and ends a batch chunk)
     encoder_threads: int = 0        # 0: the encoder's choice (a batch fixes 2: every worker writes the same bits)
+    strict: bool = False            # refuse a damaged input instead of stylizing its decodable frames
 
     OPTIONAL = ("codec", "pix_fmt")  # may be None
 
@@ -75,10 +79,11 @@ class Settings:
             ("chunk_frames", whole(self.chunk_frames, 0), "must be an integer >= 0 (0 = the runner's choice)"),
             ("shot_threshold", number(self.shot_threshold, 1e-9, float("inf")), "must be > 0"),
             ("encoder_threads", whole(self.encoder_threads, 0), "must be an integer >= 0 (0 = the encoder's choice)"),
+            ("strict", isinstance(self.strict, bool), "must be true or false"),
         ]
         for key, ok, problem in rules:
             if not ok:
-                raise UserError(f"{key}: {problem}, got {getattr(self, key)!r}")
+                raise UserError(f"{key}: {problem}, got {short_repr(getattr(self, key))}")
 
     @property
     def video_codec(self) -> str:
@@ -89,7 +94,8 @@ class Settings:
                                   shot_threshold=self.shot_threshold)
         return StylizerConfig(working_size=self.working_size, batch_size=self.batch_size, seed=self.seed,
                               temporal=temporal, temporal_enabled=self.temporal_strength > 0,
-                              strength=float(self.style_strength), preserve_color=bool(self.preserve_color))
+                              strength=float(self.style_strength), preserve_color=bool(self.preserve_color),
+                              pad_batches=True)  # chunked clips are bit-identical to one-piece ones
 
 
 SETTING_NAMES = tuple(f.name for f in dataclasses.fields(Settings))
@@ -129,7 +135,7 @@ def unknown_key(mapping: dict, known: tuple[str, ...], what: str = "key") -> str
         if key not in known:
             close = difflib.get_close_matches(str(key), known, n=1)
             hint = f" (did you mean {close[0]!r}?)" if close else f" (known: {', '.join(known)})"
-            return f"unknown {what} {key!r}{hint}"
+            return f"unknown {what} {short_repr(key)}{hint}"
     return None
 
 
@@ -138,8 +144,51 @@ def typed(value, kind: type, where: str):
     if kind is float and isinstance(value, int) and not isinstance(value, bool):
         return float(value)
     if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
-        raise UserError(f"{where}: must be {KIND_NAMES[kind]}, got {value!r}")
+        raise UserError(f"{where}: must be {KIND_NAMES[kind]}, got {short_repr(value)}")
     return value
+
+
+_SHORT = reprlib.Repr()
+_SHORT.maxstring, _SHORT.maxother, _SHORT.maxlevel = 60, 60, 2
+_SHORT.maxlist = _SHORT.maxtuple = _SHORT.maxdict = _SHORT.maxset = 4
+
+
+def short_repr(value) -> str:
+    """repr() of a user's value, cut to a few dozen characters: a message never grows with what the file holds."""
+    return _SHORT.repr(value)
+
+
+class _NoAliasSafeLoader(yaml.SafeLoader):
+    """safe_load without anchors and aliases: a few hundred bytes of nested aliases expand to gigabytes."""
+
+    def compose_node(self, parent, index):
+        if self.check_event(yaml.AliasEvent):
+            event = self.peek_event()
+            raise yaml.composer.ComposerError(None, None, "aliases (*name) are not allowed in this file",
+                                              event.start_mark)
+        return super().compose_node(parent, index)
+
+
+def read_yaml(path: str | os.PathLike) -> dict:
+    """A user's settings file (preset, job file) as a mapping: YAML through SafeLoader only, without anchors and
+    aliases; a python tag, an alias or a syntax error is a one-line UserError."""
+    try:
+        with open(path) as f:
+            data = yaml.load(f, Loader=_NoAliasSafeLoader)
+    except FileNotFoundError:
+        raise UserError(f"{path}: file not found") from None
+    except (OSError, UnicodeDecodeError) as e:
+        raise UserError(f"{path}: cannot read it ({' '.join(str(e).split())[:120]})") from None
+    except yaml.YAMLError as e:
+        problem = getattr(e, "problem", None) or str(e).splitlines()[0]
+        mark = getattr(e, "problem_mark", None)
+        where = f", line {mark.line + 1}" if mark is not None else ""
+        raise UserError(f"{path}: not valid YAML ({problem[:120]}{where})") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise UserError(f"{path}: expected a mapping at the top level, got {type(data).__name__}")
+    return data
 
 
 def read_preset(name_or_path: str, base: str | Path = ".") -> dict:

@@ -13,6 +13,7 @@ Alpha is kept by prores (4444), ffv1 and PNG/EXR sequences; h264 and hevc drop i
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import shutil
@@ -23,7 +24,7 @@ import cv2
 import numpy as np
 
 from models.errors import UserError
-from pipeline.source import alpha_plane, parse_fps
+from pipeline.source import PATTERN_FIELD, alpha_plane, is_pattern, parse_fps
 
 VIDEO_EXTENSIONS = (".mp4", ".m4v", ".mov", ".mkv")
 SEQUENCE_FORMATS = ("png", "exr")
@@ -52,6 +53,8 @@ class FrameSink:
         metadata: dict | None = None,
         overwrite: bool = False,
         codec_options: dict | None = None,
+        protect: tuple[str, ...] = (),
+        end_pts: int | None = None,
     ):
         """Prepare to write `path`: a .mp4/.m4v/.mov/.mkv file, a folder, or a pattern like out/%06d.png.
 
@@ -60,29 +63,42 @@ class FrameSink:
         `audio_from` is a file whose audio streams are copied alongside (remuxed, not re-encoded).
         `metadata` (the job settings) is stored as JSON in the container's `comment` tag, or in
         metadata.json inside an image-sequence folder.
+        `protect`: more inputs (the style images) that the output may never replace or hold.
+        `end_pts` (with `like`): where the last frame ends, when it stands for more than its own source frame
+        (every n-th frame); default: where its source frame ends.
+
+        With `overwrite`, a file output is replaced; a frames folder only when it holds nothing but what this tool
+        wrote there, as recorded on the folder (`_written_here`), never another file.
         """
         self.path = os.fspath(path)
         self.like = like
         self.metadata = metadata
         self.frames_written = 0
         self._done = False
+        self.overwrite = overwrite
 
         kind, self.target, self.codec, pattern = _classify_output(self.path, codec)
-        _refuse_unsafe_target(self.target, kind, [like.path if like else None, audio_from], overwrite)
+        if kind == "video" and pix_fmt is not None:
+            _check_pix_fmt_known(self.path, self.codec, pix_fmt)
+        _refuse_unsafe_target(self.target, kind, [like.path if like else None, audio_from, *protect], overwrite)
         # Hidden, next to the target (so the final rename stays on one filesystem), keeping a video's
         # extension so that FFmpeg picks the right container.
         suffix = os.path.splitext(self.target)[1] if kind == "video" else ""
         folder, name = os.path.split(os.path.abspath(self.target))
         self._temp = os.path.join(folder, f".{name}.{os.getpid()}.partial{suffix}")
-        if kind == "sequence":
-            self._writer = _SequenceWriter(self._temp, pattern, self.codec)
-        else:
-            rate = _frame_rate(self.path, fps) if fps is not None else (like.fps if like else Fraction(24))
-            self._writer = _VideoWriter(
-                self._temp, self.path, self.codec, crf, pix_fmt, like, rate,
-                keep_pts=like is not None and fps is None, audio_from=audio_from,
-                metadata=metadata, codec_options=codec_options or {},
-            )
+        try:
+            if kind == "sequence":
+                self._writer = _SequenceWriter(self._temp, pattern, self.codec)
+            else:
+                rate = _frame_rate(self.path, fps) if fps is not None else (like.fps if like else Fraction(24))
+                self._writer = _VideoWriter(
+                    self._temp, self.path, self.codec, crf, pix_fmt, like, rate,
+                    keep_pts=like is not None and fps is None, audio_from=audio_from,
+                    metadata=metadata, codec_options=codec_options or {}, end_pts=end_pts,
+                )
+        except (OSError, av.FFmpegError) as error:
+            _remove(self._temp)
+            raise UserError(f"{self.path}: cannot write here ({_os_problem(error)})") from None
 
     def write(self, frame) -> None:
         """Add one frame: anything with `.image` (HxWx3 uint8 RGB), optional `.alpha` and `.pts`."""
@@ -94,7 +110,10 @@ class FrameSink:
             raise ValueError(f"{self.path}: frames must be HxWx3 uint8 RGB, got {image.dtype} {image.shape}")
         if alpha is not None and (alpha.dtype != np.uint8 or alpha.shape != image.shape[:2]):
             raise ValueError(f"{self.path}: alpha must be HxW uint8 like the image, got {alpha.dtype} {alpha.shape}")
-        self._writer.write(image, alpha, getattr(frame, "pts", None))
+        try:
+            self._writer.write(image, alpha, getattr(frame, "pts", None))
+        except (OSError, av.FFmpegError) as error:
+            raise UserError(f"{self.path}: {self._failure(error)}") from None
         self.frames_written += 1
 
     def close(self) -> None:
@@ -105,23 +124,31 @@ class FrameSink:
             self.abort()
             raise UserError(f"{self.path}: no frames were written")
         try:
-            self._writer.finish(self.metadata)
-            _move_into_place(self._temp, self.target)
+            try:
+                self._writer.finish(self.metadata)
+                _move_into_place(self._temp, self.target, self.overwrite)
+            except (OSError, av.FFmpegError) as error:
+                raise UserError(f"{self.path}: {self._failure(error)}") from None
         except BaseException:
             self.abort()
             raise
         self._done = True
+
+    def _failure(self, error: Exception) -> str:
+        """An encoder's or the OS's error while writing, in words."""
+        if isinstance(error, av.FFmpegError) and not isinstance(error, OSError):
+            return f"the {self.codec} encoder failed ({_os_problem(error)})"
+        return f"writing failed ({_os_problem(error)})"
 
     def abort(self) -> None:
         """Drop everything written so far; the output path is left as it was."""
         if self._done:
             return
         self._done = True
-        self._writer.discard()
-        if os.path.isdir(self._temp):
-            shutil.rmtree(self._temp, ignore_errors=True)
-        elif os.path.exists(self._temp):
-            os.remove(self._temp)
+        try:
+            self._writer.discard()
+        finally:
+            _remove(self._temp)
 
     def __enter__(self) -> FrameSink:
         return self
@@ -133,6 +160,38 @@ class FrameSink:
             self.abort()
 
 
+def _remove(path: str) -> None:
+    """Delete a temporary file or folder, if it is there."""
+    if os.path.isdir(path):
+        shutil.rmtree(path, ignore_errors=True)
+    elif os.path.lexists(path):
+        try:
+            os.remove(path)
+        except OSError:
+            pass
+
+
+def _os_problem(error: Exception) -> str:
+    text = getattr(error, "strerror", None) or str(error)
+    return " ".join(str(text).split())[:200] or type(error).__name__
+
+
+def _check_pix_fmt_known(path: str, codec: str, pix_fmt: str) -> None:
+    """A pix_fmt that exists and that the codec's encoder takes, checked before anything is written."""
+    try:
+        av.VideoFormat(pix_fmt)
+    except (ValueError, TypeError):
+        raise UserError(f"{path}: {str(pix_fmt)[:40]!r} is not a pixel format (e.g. yuv420p, yuv444p10le)") from None
+    if codec not in ENCODERS:
+        return
+    try:
+        taken = [f.name for f in av.codec.Codec(ENCODERS[codec], "w").video_formats or ()]
+    except (av.FFmpegError, ValueError):
+        return
+    if taken and pix_fmt not in taken:
+        raise UserError(f"{path}: the {codec} encoder does not take pix_fmt {pix_fmt}; it takes {', '.join(taken)}")
+
+
 def _frame_rate(path: str, fps) -> Fraction:
     return parse_fps(path, fps)
 
@@ -141,7 +200,7 @@ def _classify_output(path: str, codec: str | None) -> tuple[str, str, str, str |
     """(kind, target path to create, codec, file-name pattern for sequences)."""
     base = os.path.basename(path)
     extension = os.path.splitext(base)[1].lower()
-    if "%" in base:
+    if PATTERN_FIELD.search(base) and extension.lstrip(".") in SEQUENCE_FORMATS and not os.path.lexists(path):
         if not os.path.dirname(path):
             raise UserError(f"{path}: give the frames a folder of their own, e.g. frames/{base}")
         image_format = extension.lstrip(".")
@@ -166,7 +225,7 @@ def _classify_output(path: str, codec: str | None) -> tuple[str, str, str, str |
 def _refuse_unsafe_target(target: str, kind: str, inputs: list[str | None], overwrite: bool) -> None:
     real_target = os.path.realpath(target)
     for source in filter(None, inputs):
-        real_source = os.path.realpath(os.path.dirname(source) if "%" in os.path.basename(source) else source)
+        real_source = os.path.realpath(os.path.dirname(source) if is_pattern(source) else source)
         if real_source == real_target or real_source.startswith(real_target + os.sep):
             raise UserError(f"{target}: this would overwrite the input {source}; choose another output")
     parent = os.path.dirname(real_target)
@@ -183,24 +242,71 @@ def _refuse_unsafe_target(target: str, kind: str, inputs: list[str | None], over
     if not overwrite:
         raise UserError(f"{target}: already exists; pass overwrite to replace it")
     if kind == "sequence":
-        strangers = [name for name in os.listdir(target) if not _looks_like_our_output(name)]
+        ours = _written_here(target)
+        strangers = sorted(name for name in os.listdir(target) if name not in ours)
         if strangers:
-            raise UserError(f"{target}: holds files that are not frames (e.g. {strangers[0]}); not replacing it")
+            raise UserError(f"{target}: holds files that are not frames this tool wrote there (e.g. {strangers[0]}); "
+                            f"not replacing it: choose a new or empty folder")
 
 
-def _looks_like_our_output(name: str) -> bool:
-    return name == SEQUENCE_METADATA_FILE or name.lower().endswith(tuple("." + f for f in SEQUENCE_FORMATS))
+WRITTEN_XATTR = "user.mambast.written"  # on a frames folder: the names this tool wrote there (JSON list)
 
 
-def _move_into_place(temp: str, target: str) -> None:
-    if os.path.isdir(temp) and os.path.isdir(target) and os.listdir(target):
-        # A non-empty folder cannot be renamed over: move the old one aside, then delete it.
-        aside = temp + ".old"
-        os.rename(target, aside)
-        os.rename(temp, target)
-        shutil.rmtree(aside)
+def _written_here(folder: str) -> set[str]:
+    """The names this tool wrote in a frames folder: the list on the folder's extended attribute, else the list in
+    its metadata.json's "mambast" record. On a filesystem without extended attributes and no such metadata, the
+    frames a sink names itself (000001.png, 000002.png, ... without a gap) and metadata.json."""
+    names = None
+    try:
+        names = json.loads(os.getxattr(folder, WRITTEN_XATTR))
+    except OSError as error:
+        no_xattrs = error.errno in (errno.ENOTSUP, errno.EOPNOTSUPP)
+    except ValueError:
+        no_xattrs = False
     else:
-        os.replace(temp, target)
+        no_xattrs = False
+    if names is None:
+        try:
+            with open(os.path.join(folder, SEQUENCE_METADATA_FILE)) as file:
+                names = json.load(file)["mambast"]["written"]
+        except (OSError, ValueError, KeyError, TypeError):
+            names = None
+    if names is None and no_xattrs:
+        present = set(os.listdir(folder))
+        names = [name for n in range(1, len(present) + 1) for name in (_default_frame_name(n, present),) if name]
+    if not isinstance(names, list):
+        return set()
+    return {name for name in names if isinstance(name, str) and os.sep not in name} | {SEQUENCE_METADATA_FILE}
+
+
+def _default_frame_name(number: int, present: set[str]) -> str | None:
+    for image_format in SEQUENCE_FORMATS:
+        name = f"{DEFAULT_SEQUENCE_PATTERN % number}.{image_format}"
+        if name in present:
+            return name
+    return None
+
+
+def _move_into_place(temp: str, target: str, overwrite: bool) -> None:
+    """Rename the finished temporary onto the target. Without `overwrite` the target must still not exist (it is
+    checked at this moment, atomically: another run may have written it since the sink was opened)."""
+    try:
+        if os.path.isdir(temp) and os.path.isdir(target) and os.listdir(target):
+            if not overwrite:
+                raise FileExistsError(errno.EEXIST, "exists", target)
+            # A non-empty folder cannot be renamed over: move the old one aside, then delete it.
+            aside = temp + ".old"
+            os.rename(target, aside)
+            os.rename(temp, target)
+            shutil.rmtree(aside)
+        elif overwrite or os.path.isdir(temp):
+            os.replace(temp, target)
+        else:
+            os.link(temp, target)  # fails if the target exists: no run replaces what another just wrote
+            os.remove(temp)
+    except FileExistsError:
+        raise UserError(f"{target}: already exists (written while this run was working); "
+                        f"pass overwrite to replace it") from None
 
 
 class _SequenceWriter:
@@ -212,28 +318,38 @@ class _SequenceWriter:
         self.pattern = pattern
         self.image_format = image_format
         self.number = 0
+        self.written: list[str] = []
 
     def write(self, image: np.ndarray, alpha: np.ndarray | None, pts: int | None) -> None:
         self.number += 1  # ffmpeg numbers sequences from 1
         pixels = image[..., ::-1] if alpha is None else np.dstack((image[..., ::-1], alpha))  # OpenCV wants BGR(A)
         if self.image_format == "exr":
             pixels = pixels.astype(np.float32) / 255
-        path = os.path.join(self.folder, self.pattern % self.number)
-        if not cv2.imwrite(path, np.ascontiguousarray(pixels)):
-            raise UserError(f"{self.pattern % self.number}: OpenCV could not write this frame")
+        name = self.pattern % self.number
+        if not cv2.imwrite(os.path.join(self.folder, name), np.ascontiguousarray(pixels)):
+            raise UserError(f"{name}: OpenCV could not write this frame")
+        self.written.append(name)
 
     def finish(self, metadata: dict | None) -> None:
         if metadata:
+            if isinstance(metadata.get("mambast"), dict):  # our own record lists what --overwrite may replace
+                metadata = {**metadata, "mambast": {**metadata["mambast"], "written": self.written}}
             with open(os.path.join(self.folder, SEQUENCE_METADATA_FILE), "w") as file:
                 json.dump(metadata, file, indent=2, sort_keys=True, default=str)
+        try:
+            os.setxattr(self.folder, WRITTEN_XATTR, json.dumps(self.written).encode())
+        except OSError:
+            pass  # a filesystem without extended attributes: metadata.json or the frame names tell (_written_here)
 
     def discard(self) -> None:
         pass  # the folder is removed by FrameSink.abort
 
 
 class _VideoWriter:
-    def __init__(self, temp, path, codec, crf, pix_fmt, like, rate, keep_pts, audio_from, metadata, codec_options):
+    def __init__(self, temp, path, codec, crf, pix_fmt, like, rate, keep_pts, audio_from, metadata, codec_options,
+                 end_pts=None):
         self.path = path
+        self.end_pts = end_pts if keep_pts else None
         self.codec = codec
         self.crf = crf
         self.requested_pix_fmt = pix_fmt
@@ -354,6 +470,8 @@ class _VideoWriter:
             self.container.mux(packet)
 
     def _last_duration(self, pts: int) -> int:
+        if self.end_pts is not None and self.end_pts > pts:
+            return self.end_pts - pts
         if self.keep_pts and pts in self.like.pts:
             return self.like.frame_end_pts(self.like.pts.index(pts)) - pts
         return 1 if not self.keep_pts else max(1, round(1 / (self.rate * self.time_base)))
@@ -361,6 +479,8 @@ class _VideoWriter:
     def _audio_end(self, last_pts: int) -> Fraction | None:
         """Where audio stops: under the last frame for a partial render; a full render keeps all of it."""
         if not self.keep_pts or last_pts == self.like.pts[-1]:
+            return None
+        if self.end_pts is not None and self.end_pts >= self.like.end_pts:
             return None
         return (last_pts + self._last_duration(last_pts)) * self.time_base
 

@@ -29,43 +29,17 @@ import cv2
 import numpy as np
 
 from models.errors import UserError
+from pipeline.video_probe import DEFAULT_SEQUENCE_FPS, VideoInfo, frame_pts, one_line, probe_video
+
+__all__ = ["Frame", "FrameSource", "ImageSequenceSource", "VideoFileSource", "VideoInfo", "open_source",
+           "is_pattern", "parse_fps", "read_alpha", "alpha_plane", "IMAGE_EXTENSIONS"]
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".exr", ".bmp", ".webp")
-DEFAULT_SEQUENCE_FPS = Fraction(24)
+PATTERN_FIELD = re.compile(r"%0?\d*d")  # the printf number field of a frame pattern: %d, %06d
 
 # FFmpeg's codes for "not tagged" (AVCOL_RANGE_UNSPECIFIED, AVCOL_SPC/PRI/TRC_UNSPECIFIED).
 UNSPECIFIED_RANGE = 0
 UNSPECIFIED_COLOUR = 2
-
-
-@dataclass
-class VideoInfo:
-    path: str
-    width: int
-    height: int
-    num_frames: int  # counted packet by packet, never taken from the container header
-    fps: Fraction
-    time_base: Fraction
-    pts: list[int]  # every frame's presentation timestamp in time_base units, ascending
-    end_pts: int  # where the last frame ends: pts[-1] + its duration
-    duration_s: float
-    is_vfr: bool
-    has_audio: bool
-    has_alpha: bool
-    pix_fmt: str
-    bit_depth: int
-    color_range: int  # PyAV/FFmpeg enum values: 0 = unspecified, 1 = tv (MPEG), 2 = pc (JPEG)
-    colorspace: int  # 1 = bt709, 2 = unspecified, 5/6 = bt601, 9 = bt2020nc, ...
-    color_primaries: int
-    color_trc: int
-    rotation: int  # degrees counter-clockwise from the display matrix, 0 when there is none
-    codec: str
-    sample_aspect_ratio: Fraction | None = None
-    is_image_sequence: bool = False
-
-    def frame_end_pts(self, index: int) -> int:
-        """The pts at which frame `index` stops being shown (the next frame's pts, or end_pts)."""
-        return self.pts[index + 1] if index + 1 < self.num_frames else self.end_pts
 
 
 @dataclass
@@ -76,17 +50,21 @@ class Frame:
     alpha: np.ndarray | None = None  # HxW uint8, or None when the source has no alpha
 
 
-def open_source(path: str, fps: Fraction | int | str | None = None, backend: str = "auto") -> FrameSource:
+def open_source(path: str, fps: Fraction | int | str | None = None, backend: str = "auto",
+                strict: bool = True) -> FrameSource:
     """Open a video file, an image folder or a printf pattern like `frames/%06d.png`.
 
-    `fps` sets the rate of an image sequence (default 24/1); a video file keeps its own rate.
-    `backend` is "auto" (decord if it agrees with PyAV), "decord" (same checks) or "pyav".
+    A path that exists is that file or folder, whatever its name holds ("speed 100%.mp4"); a name with a number
+    field (%d, %06d) that is not a file is a pattern. `fps` sets the rate of an image sequence (default 24/1); a
+    video file keeps its own rate. `backend` is "auto" (decord if it agrees with PyAV), "decord" (same checks) or
+    "pyav". `strict=False` reads the decodable frames of a damaged video (`VideoInfo.damage` says what is missing;
+    pipeline/video_probe.py); `strict` refuses it.
     """
     path = os.fspath(path)
     name = os.path.basename(os.path.normpath(path)) or path
     if backend not in ("auto", "decord", "pyav"):
         raise ValueError(f"backend must be 'auto', 'decord' or 'pyav', not {backend!r}")
-    if "%" in os.path.basename(path):
+    if is_pattern(path):
         return ImageSequenceSource(path, _pattern_files(path), _sequence_fps(path, fps))
     if os.path.isdir(path):
         return ImageSequenceSource(path, _folder_files(path), _sequence_fps(path, fps))
@@ -98,7 +76,13 @@ def open_source(path: str, fps: Fraction | int | str | None = None, backend: str
         )
     if fps is not None:
         raise UserError(f"{name}: fps applies to image sequences only; a video file keeps its own frame rate")
-    return VideoFileSource(path, backend)
+    return VideoFileSource(path, backend, strict)
+
+
+def is_pattern(path: str) -> bool:
+    """Whether `path` names an image sequence by a printf pattern: it is not an existing file or folder and its
+    name holds a number field (%d, %06d)."""
+    return not os.path.lexists(path) and PATTERN_FIELD.search(os.path.basename(path)) is not None
 
 
 class FrameSource:
@@ -154,8 +138,8 @@ class FrameSource:
 
 
 class VideoFileSource(FrameSource):
-    def __init__(self, path: str, backend: str = "auto"):
-        self.info, self._keyframes, first_image = _probe_video(path)
+    def __init__(self, path: str, backend: str = "auto", strict: bool = True):
+        self.info, self._keyframes, first_image = probe_video(path, strict)
         self._index_of_pts = {pts: index for index, pts in enumerate(self.info.pts)}
         # Why frames come from PyAV rather than decord (None when decord is used).
         if backend == "pyav":
@@ -239,12 +223,12 @@ class VideoFileSource(FrameSource):
         seek_missed = False
         try:
             with av.open(self.info.path) as container:
-                stream = container.streams.video[0]
+                stream = container.streams[self.info.stream_index]
                 stream.thread_type = "AUTO"
                 if seek and start > 0:
                     container.seek(self.info.pts[start], stream=stream, backward=True)
                 for frame in container.decode(stream):
-                    index = self._index_of_pts.get(_frame_pts(frame))
+                    index = self._index_of_pts.get(frame_pts(frame))
                     if index is None or index < expected:
                         continue  # before the seek target, or dropped by an edit list
                     if index > expected:
@@ -255,7 +239,7 @@ class VideoFileSource(FrameSource):
                     expected += 1
                     yield index, frame
         except av.FFmpegError as error:
-            raise UserError(f"{name}: cannot decode frame {expected}: {_one_line(error)}") from None
+            raise UserError(f"{name}: cannot decode frame {expected}: {one_line(error)}") from None
         if seek_missed:
             yield from self._decode_pyav_from(start, seek=False)
         elif expected < self.info.num_frames:
@@ -294,140 +278,12 @@ def read_alpha(frame: av.VideoFrame) -> np.ndarray:
     return np.round(view * (255 / full_scale)).astype(np.uint8)
 
 
-def _probe_video(path: str) -> tuple[VideoInfo, list[int], np.ndarray]:
-    """Demux the whole video stream (no decoding) plus decode its first frame.
-
-    Returns the info, the indices of the keyframes, and the first frame as RGB (for the decord check).
-    """
-    name = os.path.basename(path)
-    first = _first_frame(path)
-    try:
-        with av.open(path) as container:
-            stream = container.streams.video[0]
-            packets, discarded = _demux(container, stream, name)
-            has_audio = bool(container.streams.audio)
-            time_base = Fraction(stream.time_base)
-            claimed_frames = stream.frames
-            claimed_duration = _claimed_duration_s(stream)
-            fps = stream.average_rate or stream.guessed_rate or stream.base_rate
-            sample_aspect_ratio = stream.sample_aspect_ratio or None
-            codec = stream.codec_context.name
-    except av.FFmpegError as error:
-        raise UserError(f"{name}: cannot read the video ({_one_line(error)})") from None
-
-    if claimed_frames and len(packets) + discarded < claimed_frames:
-        raise UserError(
-            f"{name}: the file is truncated: its header lists {claimed_frames} frames but only"
-            f" {len(packets) + discarded} are present"
-        )
-    # A stream cut mid-GOP starts with frames that no decoder outputs; the clip starts at the first one it does.
-    first_pts = _frame_pts(first)
-    if first_pts is not None:
-        packets = [packet for packet in packets if packet[0] >= first_pts]
-    if not packets:
-        raise UserError(f"{name}: the video stream has no frames")
-    packets.sort()
-    pts = [packet_pts for packet_pts, _, _ in packets]
-    if len(set(pts)) < len(pts):
-        raise UserError(f"{name}: several frames share one timestamp; remux it (ffmpeg -fflags +genpts)")
-    intervals = np.diff(pts)
-    typical_interval = int(np.median(intervals)) if len(intervals) else round(1 / (Fraction(fps or 24) * time_base))
-    # MP4 stores durations in decode order, so with B-frames a packet's duration is not its frame's;
-    # the furthest end is the clip's end either way.
-    end_pts = max(packet_pts + (duration or typical_interval) for packet_pts, duration, _ in packets)
-    duration = (end_pts - pts[0]) * time_base
-    if claimed_duration is not None and not claimed_frames:
-        slack = 2 * typical_interval * time_base + Fraction(1, 1000)
-        if end_pts * time_base + slack < claimed_duration:
-            raise UserError(
-                f"{name}: the file is truncated: its header says {float(claimed_duration):.3f} s of video"
-                f" but the video stops at {float(end_pts * time_base):.3f} s"
-            )
-    if not fps:
-        fps = (len(pts) - 1) / ((pts[-1] - pts[0]) * time_base) if len(pts) > 1 else DEFAULT_SEQUENCE_FPS
-
-    decoded_format = first.format
-    colour_bits = [component.bits for component in decoded_format.components if not component.is_alpha]
-    info = VideoInfo(
-        path=path,
-        width=first.width,
-        height=first.height,
-        num_frames=len(pts),
-        fps=Fraction(fps),
-        time_base=time_base,
-        pts=pts,
-        end_pts=end_pts,
-        duration_s=float(duration),
-        is_vfr=bool(len(intervals) and intervals.max() - intervals.min() > max(1, typical_interval // 100)),
-        has_audio=has_audio,
-        has_alpha=any(component.is_alpha for component in decoded_format.components),
-        pix_fmt=decoded_format.name,
-        bit_depth=max(colour_bits),
-        color_range=int(first.color_range),
-        colorspace=int(first.colorspace),
-        color_primaries=int(first.color_primaries),
-        color_trc=int(first.color_trc),
-        rotation=int(round(first.rotation or 0)) % 360,
-        codec=codec,
-        sample_aspect_ratio=Fraction(sample_aspect_ratio) if sample_aspect_ratio else None,
-    )
-    keyframes = [index for index, (_, _, is_key) in enumerate(packets) if is_key]
-    if not keyframes or keyframes[0] != 0:
-        keyframes.insert(0, 0)  # decoding from the very start always works
-    return info, keyframes, first.to_ndarray(format="rgb24")
-
-
-def _first_frame(path: str) -> av.VideoFrame:
-    """Open the file and decode its first video frame, turning every failure into a one-line UserError."""
-    name = os.path.basename(path)
-    try:
-        container = av.open(path)
-    except av.FFmpegError as error:
-        raise UserError(f"{name}: not a readable video ({_one_line(error)})") from None
-    with container:
-        if not container.streams.video:
-            what = "it has only audio" if container.streams.audio else "it has no video stream"
-            raise UserError(f"{name}: not a video ({what})")
-        try:
-            for frame in container.decode(container.streams.video[0]):
-                return frame
-        except av.FFmpegError as error:
-            raise UserError(f"{name}: cannot decode the first frame ({_one_line(error)})") from None
-    raise UserError(f"{name}: the video stream has no frames")
-
-
-def _demux(container, stream, name: str) -> tuple[list[tuple[int, int, bool]], int]:
-    """(pts, duration, is_keyframe) of every video packet, plus how many an edit list discards."""
-    packets = []
-    discarded = 0
-    for packet in container.demux(stream):
-        if not packet.size:
-            continue  # the demuxer's end-of-stream marker
-        if packet.is_discard:
-            discarded += 1
-            continue
-        pts = packet.pts if packet.pts is not None else packet.dts
-        if pts is None:
-            raise UserError(f"{name}: the video has no timestamps; remux it into .mp4 or .mkv")
-        packets.append((pts, packet.duration or 0, packet.is_keyframe))
-    return packets, discarded
-
-
-def _claimed_duration_s(stream) -> Fraction | None:
-    """The video track's duration as a Matroska/WebM file's tags record it, if they do.
-
-    Only this tag is trusted: other containers' durations may be estimated from the bitrate.
-    """
-    tag = stream.metadata.get("DURATION")
-    match = re.fullmatch(r"(\d+):(\d\d):(\d\d(?:\.\d+)?)", tag or "")
-    if not match:
-        return None
-    hours, minutes, seconds = match.groups()
-    return Fraction(int(hours) * 3600 + int(minutes) * 60) + Fraction(seconds)
-
-
 def _decord_disagreement(info: VideoInfo, first_image: np.ndarray) -> str | None:
     """Why decord must not be used for this file, or None when it agrees with PyAV."""
+    if info.note:
+        return "the file has several video streams (decord reads the one it picks)"
+    if info.damage:
+        return "the file is damaged (decord trusts its header)"
     if info.has_alpha:
         return "the video has alpha (decord decodes RGB only)"
     if info.bit_depth > 8:
@@ -449,7 +305,7 @@ def _decord_disagreement(info: VideoInfo, first_image: np.ndarray) -> str | None
         finally:
             del reader
     except Exception as error:  # decord raises assorted native errors; any of them means "use PyAV"
-        return f"decord cannot read it ({_one_line(error)})"
+        return f"decord cannot read it ({one_line(error)})"
     if image.shape != first_image.shape or np.abs(image.astype(np.int16) - first_image).max() > 1:
         return "decord's first frame differs from PyAV's"
     return None
@@ -465,16 +321,7 @@ def _decord_call(path: str, index: int, call):
     try:
         return call()
     except Exception as error:  # decord's native errors have no common base class worth naming
-        raise UserError(f"{os.path.basename(path)}: decord cannot decode frame {index} ({_one_line(error)})") from None
-
-
-def _frame_pts(frame: av.VideoFrame) -> int | None:
-    return frame.pts if frame.pts is not None else frame.dts
-
-
-def _one_line(error: Exception) -> str:
-    text = str(error).strip().splitlines()
-    return text[0] if text else type(error).__name__
+        raise UserError(f"{os.path.basename(path)}: decord cannot decode frame {index} ({one_line(error)})") from None
 
 
 # --- Image sequences ---------------------------------------------------------------------------------

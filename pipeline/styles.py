@@ -23,6 +23,7 @@ cached codes (`models.style_controls.mix_style_codes`).
 """
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import os
 import re
@@ -55,6 +56,7 @@ class StyleImage:
     name: str
     image: np.ndarray
     key: str
+    path: str | None = None  # the file it was read from, if any (an output may never replace it)
 
     @classmethod
     def from_array(cls, image: np.ndarray, name: str = "array") -> StyleImage:
@@ -72,7 +74,9 @@ class StyleImage:
 
     @classmethod
     def from_path(cls, path: str | os.PathLike) -> StyleImage:
-        return cls.from_array(load_image(os.fspath(path)), name=os.path.basename(os.fspath(path)))
+        path = os.fspath(path)
+        image = cls.from_array(load_image(path), name=os.path.basename(path))
+        return dataclasses.replace(image, path=path)
 
     def __repr__(self) -> str:
         return f"StyleImage({self.name!r}, {self.image.shape[1]}x{self.image.shape[0]})"
@@ -172,6 +176,17 @@ class StyleSchedule:
     @property
     def name(self) -> str:
         return ",".join(f"{f}:{s.name}" for f, s in self.keyframes)
+
+
+def style_files(style) -> tuple[str, ...]:
+    """The image files a StyleImage, StyleBlend or StyleSchedule was read from (inputs an output must not replace)."""
+    if isinstance(style, StyleImage):
+        return (style.path,) if style.path else ()
+    if isinstance(style, StyleBlend):
+        return tuple(path for image in style.images for path in style_files(image))
+    if isinstance(style, StyleSchedule):
+        return tuple(dict.fromkeys(path for _, part in style.keyframes for path in style_files(part)))
+    return ()
 
 
 # ----------------------------------------------------------------------------------------------------------

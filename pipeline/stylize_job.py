@@ -16,16 +16,18 @@ at 1/n of the frame rate and its audio stays in sync. Only an image-sequence out
 from __future__ import annotations
 
 import os
+import sys
 import time
 from dataclasses import asdict, dataclass, field
 
+from models.checkpoint import read_model_config
 from models.errors import UserError
 from pipeline.chunks import DECODE_BACKEND, Chunk, plan_chunks
 from pipeline.settings import Settings
 from pipeline.sink import VIDEO_EXTENSIONS, FrameSink
 from pipeline.source import FrameSource, open_source
-from pipeline.styles import parse_style
-from pipeline.stylizer import StylizerConfig
+from pipeline.styles import parse_style, style_files
+from pipeline.stylizer import StylizerConfig, check_work_fits
 
 RAY_CHUNK_FRAMES = 64  # kept frames per chunk on Ray when the job leaves it to the runner (chunk_frames 0)
 
@@ -98,16 +100,29 @@ class Render:
                        runner, self.audio)
 
 
-def check_job(job: StylizeJob) -> Render:
-    """Open the source and the style and check the settings; creates nothing."""
+def check_job(job: StylizeJob, announce: bool = True) -> Render:
+    """Open the source and the style and check the settings; creates nothing.
+
+    A damaged input (pipeline/video_probe.py) is refused with `settings.strict`, else read as far as it decodes
+    with one warning on stderr (`announce`) that the output's metadata records too; a file with several video
+    streams gets one line naming the one read."""
     started = time.perf_counter()
-    source = open_source(job.input, backend=DECODE_BACKEND)
+    source = open_source(job.input, backend=DECODE_BACKEND, strict=job.settings.strict)
+    if announce:
+        info = source.info
+        if getattr(info, "note", None):
+            notice("info", info.note)
+        if getattr(info, "damage", None):
+            notice("warning", f"{os.path.basename(info.path)}: {info.damage}; stylizing the {info.num_frames} "
+                              f"frames that decode (--strict refuses damaged files)")
     selection = source.select(job.start, job.end, job.every_nth, job.max_frames)
     if len(selection) == 0:
         raise UserError(f"{job.input}: the selection (start={job.start}, end={job.end}, max_frames={job.max_frames}) "
                         f"holds no frames")
-    style = parse_style(job.style, fps=source.info.fps)
     config = job.settings.stylizer_config()
+    check_work_fits(read_model_config(job.weights), (source.info.height, source.info.width), config.working_size,
+                    config.batch_size, where=job.input)
+    style = parse_style(job.style, fps=source.info.fps)
     return Render(job, source, selection, style, config, audio_plan(job, source), started=started)
 
 
@@ -119,8 +134,22 @@ def open_render(job: StylizeJob, runner: str) -> Render:
     threads = {"threads": str(settings.encoder_threads)} if settings.encoder_threads else None
     render.sink = FrameSink(job.output, like=render.source.info, codec=settings.codec, crf=settings.crf,
                             pix_fmt=settings.pix_fmt, audio_from=audio_from, metadata=job_metadata(render, runner),
-                            overwrite=job.overwrite, codec_options=threads)
+                            overwrite=job.overwrite, codec_options=threads, protect=style_files(render.style),
+                            end_pts=selection_end_pts(render.source, render.selection))
     return render
+
+
+def notice(kind: str, text: str) -> None:
+    """One line on stderr for the user ("mambast: warning: ..."), beside the progress bar."""
+    print(f"mambast: {kind}: {text}", file=sys.stderr, flush=True)
+
+
+def selection_end_pts(source: FrameSource, selection: range) -> int:
+    """Where the selection's last frame stops being shown: with every_nth > 1 it stands for the n source frames
+    from it (as far as the selection and the clip go), so video and audio end where those frames end."""
+    info = source.info
+    last = min(selection[-1] + selection.step, selection.stop, info.num_frames) - 1
+    return info.frame_end_pts(max(last, selection[-1]))
 
 
 def audio_plan(job: StylizeJob, source: FrameSource) -> str:
@@ -139,6 +168,11 @@ def job_metadata(render: Render, runner: str) -> dict:
     job = asdict(render.job)
     job |= job.pop("settings")  # one flat mapping: the job's fields and its settings
     job["weights"] = job["weights"] or "bundled"
-    return {"mambast": {"job": job, "runner": runner, "stylizer": asdict(render.config),
-                        "frames": {"selected": len(render.selection), "first": render.selection[0],
-                                   "last": render.selection[-1], "every_nth": render.selection.step}}}
+    record = {"job": job, "runner": runner, "stylizer": asdict(render.config),
+              "frames": {"selected": len(render.selection), "first": render.selection[0],
+                         "last": render.selection[-1], "every_nth": render.selection.step}}
+    if damage := getattr(render.source.info, "damage", None):
+        record["source_damage"] = {"problem": damage, "frames_read": render.source.info.num_frames}
+    if note := getattr(render.source.info, "note", None):
+        record["source_stream"] = note
+    return {"mambast": record}

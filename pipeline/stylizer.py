@@ -35,8 +35,9 @@ import cv2
 import numpy as np
 import torch
 
+from models.checkpoint import available_memory
 from models.errors import UserError
-from models.mambast import MambaST, StyleCode, pad_to_multiple
+from models.mambast import MambaST, MambaSTConfig, StyleCode, pad_to_multiple
 from models.style_controls import check_strength, preserve_colors
 from pipeline.source import Frame
 from pipeline.styles import StyleBlend, StyleCodes, StyleImage, StyleSchedule
@@ -59,12 +60,18 @@ class StylizerConfig:
     guide_eps: float = 1e-3
     strength: float = 1.0         # style strength: 0 = the content, 1 = full style (models/style_controls.py)
     preserve_color: bool = False  # keep the content's colours, transfer the style's texture (luma only)
+    # Clips (the chunk engine: Settings.stylizer_config) pad every short batch to batch_size so that chunk
+    # boundaries never change a frame's bits; single images and live streams run the frames they have (one frame
+    # costs one frame, not batch_size: issue 23, measured in the closing note).
+    pad_batches: bool = False
 
     def __post_init__(self):
         check_strength(self.strength)
-        if not isinstance(self.working_size, int) or self.working_size < 0:
+        if not isinstance(self.seed, int) or isinstance(self.seed, bool):
+            raise UserError(f"seed: must be an integer, got {str(self.seed)[:40]!r}")
+        if not isinstance(self.working_size, int) or isinstance(self.working_size, bool) or self.working_size < 0:
             raise UserError(f"working_size: must be a non-negative integer (0 = source size), got {self.working_size!r}")
-        if not isinstance(self.batch_size, int) or self.batch_size < 1:
+        if not isinstance(self.batch_size, int) or isinstance(self.batch_size, bool) or self.batch_size < 1:
             raise UserError(f"batch_size: must be a positive integer, got {self.batch_size!r}")
 
     @property
@@ -89,6 +96,36 @@ def working_shape(height: int, width: int, working_size: int) -> tuple[int, int]
         return height, width
     s = working_size / short
     return max(1, round(height * s)), max(1, round(width * s))
+
+
+def work_memory(cfg: MambaSTConfig, shape: tuple[int, int], batch_size: int) -> int:
+    """About how many bytes stylizing frames of `shape` (h, w at the working size) takes, `batch_size` at a time:
+    the clip's cached style states (per MSTD layer, 4 scan directions) plus, per frame in a batch, the decoder's
+    activations and the scan's states. Measured with the bundled weights (256x512): 1.2 KB per pixel for the
+    style, 0.6 KB per pixel and frame; this gives 0.8 and 1.0 KB."""
+    pixels = shape[0] * shape[1]
+    tokens_per_pixel = 1 / cfg.patch_size ** 2
+    style = 4 * cfg.d_inner * cfg.d_state * cfg.n_decoder_layers * 4 * tokens_per_pixel
+    c1, c2, c3 = cfg.decoder_channels
+    frame = 4 * (3 * c3 + 3 * c2 / 4 + 3 * c1 / 16 + 4 * cfg.d_inner * (1 + cfg.d_state) * tokens_per_pixel)
+    return int(pixels * (style + batch_size * frame))
+
+
+def check_work_fits(cfg: MambaSTConfig, frame_shape: tuple[int, int], working_size: int, batch_size: int,
+                    where: str = "frames") -> None:
+    """Refuse, before anything is allocated, work that does not fit in the memory available, saying what would."""
+    work = working_shape(*frame_shape, working_size)
+    needed, free = work_memory(cfg, work, batch_size), available_memory()
+    if needed <= free:
+        return
+    fits = [size for size in range(min(work), 0, -8 if min(work) > 64 else -1)
+            if work_memory(cfg, working_shape(*frame_shape, size), batch_size) <= free]
+    h, w = frame_shape
+    advice = (f"a working size of at most {fits[0]} fits" if fits and working_size and fits[0] >= 16
+              else "no working size fits these frames (the long side is too long for this machine)")
+    raise UserError(f"{where}: {w}x{h} frames at working size {working_size or min(h, w)} run at "
+                    f"{work[1]}x{work[0]}, about {needed / 2**30:.1f} GB for a batch of {batch_size}; "
+                    f"{free / 2**30:.1f} GB is available: {advice}")
 
 
 def to_working_size(frame: np.ndarray, shape: tuple[int, int]) -> np.ndarray:
@@ -166,6 +203,11 @@ class ClipStylizer:
         self.model = model
         self.config = config or StylizerConfig()
         self.frame_shape = tuple(frame_shape)
+        if not isinstance(start_frame, int) or isinstance(start_frame, bool) or start_frame < 0:
+            raise UserError(f"frame: the clip index must be an integer >= 0, got {str(start_frame)[:40]!r}")
+        if len(self.frame_shape) != 2 or min(self.frame_shape) < 1:
+            raise UserError(f"frames: must be at least 1x1 pixels, got {'x'.join(map(str, self.frame_shape[::-1]))}")
+        check_work_fits(model.cfg, self.frame_shape, self.config.working_size, self.config.batch_size)
         self.work_shape = working_shape(*self.frame_shape, self.config.working_size)
         self.device = next(model.parameters()).device
         self.grid = model.token_grid(*self.work_shape)
@@ -245,10 +287,11 @@ class ClipStylizer:
         h, w = self.work_shape
         small = [to_working_size(f, (h, w)) for f in frames]
         x = torch.cat([image_to_tensor(f) for f in small]).to(self.device)
-        # Every model call sees a full batch (short batches padded with the last frame, outputs dropped): CPU
-        # kernels round differently for different batch sizes (~1e-6), and chunk boundaries or schedule keyframes
-        # must not change a frame's bits.
-        n, missing = len(small), self.config.batch_size - len(small)
+        # With pad_batches every model call sees a full batch (short batches padded with the last frame, outputs
+        # dropped): CPU kernels round differently for different batch sizes (~1e-6), and chunk boundaries or
+        # schedule keyframes must not change a frame's bits. Without it a short batch costs only its frames.
+        n = len(small)
+        missing = self.config.batch_size - n if self.config.pad_batches else 0
         x_full = torch.cat([x, x[-1:].expand(missing, -1, -1, -1)]) if missing > 0 else x
         x_pad, _ = pad_to_multiple(x_full, self.model.cfg.patch_size)
         with torch.no_grad():

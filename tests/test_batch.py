@@ -87,8 +87,13 @@ def write_job(folder: Path, assets: Path, name="job.yaml", **fields) -> Path:
     job.update(fields)
     folder.mkdir(parents=True, exist_ok=True)
     path = folder / name
-    path.write_text(yaml.safe_dump(job, sort_keys=False))
+    path.write_text(yaml.dump(job, Dumper=NoAliasDumper, sort_keys=False))  # job files may not hold aliases
     return path
+
+
+class NoAliasDumper(yaml.SafeDumper):
+    def ignore_aliases(self, data):
+        return True
 
 
 def one_piece_frames(item):
@@ -537,3 +542,60 @@ def test_losing_a_node_mid_job_finishes_on_the_rest(tmp_path, assets, cluster, m
     assert sum(r.retries for r in reports) >= 1
     for item in job.items:
         assert_exact_output(item, tmp_path)
+
+
+def test_two_batch_runs_on_one_output_folder_never_race(tmp_path, assets, cluster):
+    """Issue 23 item 2: a second real `mambast batch` on the same output folder (the same job again, or another job
+    writing there) is refused in one line while the first runs; the first finishes exactly; the lock dies with its
+    holder (SIGKILL), so a later run proceeds."""
+    address = cluster[0].address
+    path = write_job(tmp_path, assets)
+    other = write_job(tmp_path, assets, name="other.yaml", styles=[str(assets / "styles" / "wave.png")])
+    job = load_job(path)
+    lock = Path(job.output_dir) / ".mambast-batch" / "lock"
+    first = run_batch_cli(str(path), "--address", address, fault="slow:0.05")
+    try:
+        wait_for(lambda: (lock.exists() and lock.read_text().startswith(f"pid {first.pid}"))
+                 or first.poll() is not None)
+        for args in ((str(path), "--address", address), (str(path), "--address", address, "--resume"),
+                     (str(other), "--address", address)):
+            second = run_batch_cli(*args)
+            out, err = second.communicate(timeout=120)
+            lines = [line for line in err.splitlines() if line.strip()]
+            assert second.returncode == 2 and len(lines) == 1, (args, err)
+            assert "another mambast batch" in lines[0] and f"pid {first.pid}" in lines[0], lines
+        out, err = first.communicate(timeout=300)
+    finally:
+        if first.poll() is None:
+            first.kill()
+    assert first.returncode == 0, err
+    assert "2 of 2 items done, 0 failed" in out
+    for item in job.items:
+        assert_exact_output(item, tmp_path)
+    manifests = [json.loads(p.read_text()) for p in Path(job.work_dir).glob("items/*/manifest.json")]
+    assert [m["status"] for m in manifests] == ["done", "done"]
+
+    # a holder killed with SIGKILL leaves no lock behind: the other job runs (its outputs are new files)
+    killed = run_batch_cli(str(other), "--address", address, fault="slow:0.5")
+    wait_for(lambda: (lock.exists() and lock.read_text().startswith(f"pid {killed.pid}")) or killed.poll() is not None)
+    killed.send_signal(signal.SIGKILL)
+    killed.communicate()
+    again = run_batch_cli(str(other), "--address", address, "--resume")
+    out, err = again.communicate(timeout=300)
+    assert again.returncode == 0, err
+
+
+def test_batch_check_decodes_each_style_once(tmp_path, assets, monkeypatch, capsys):
+    """Issue 23 item 10: 40 items naming one style decode it once."""
+    import pipeline.batch_job as batch_job
+
+    calls = []
+    real = batch_job.StyleImage.from_path
+    monkeypatch.setattr(batch_job.StyleImage, "from_path", lambda path: calls.append(path) or real(path))
+    style = str(assets / "styles" / "starry.png")
+    items = [{"clip": str(assets / "clips" / "b.mp4"), "style": style, "output": f"b_{n}.mkv"} for n in range(40)]
+    path = write_job(tmp_path, assets, items=items, clips=[str(assets / "clips" / "a.mp4")],
+                     styles=[style, f"{style}*0.5+{assets / 'styles' / 'wave.png'}*0.5"])
+    assert main(["batch", str(path), "--check"]) == 0
+    assert "42 item(s)" in capsys.readouterr().out
+    assert sorted(calls) == sorted([style, str(assets / "styles" / "wave.png")])

@@ -20,7 +20,7 @@ def test_chunked_equals_one_piece(batch_size, split):
     model = tiny_model()
     frames = moving_clip()
     style = np.full((32, 32, 3), (200, 80, 30), np.uint8)
-    config = StylizerConfig(batch_size=batch_size, seed=3)
+    config = StylizerConfig(batch_size=batch_size, seed=3, pad_batches=True)
     whole = ClipStylizer(model, style, frames[0].shape[:2], config)(frames)
     first = ClipStylizer(model, style, frames[0].shape[:2], config)(frames[:split])
     start = max(0, split - config.lead_in)
