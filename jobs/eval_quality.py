@@ -29,80 +29,23 @@ wesnoth, stellarium, …). Writes a contact sheet (content | style | colour tran
 prints one JSON object last.
 
 With `--inception/--alexnet/--lpips/--vgg19` weight files, the paper's metrics (FID, LPIPS, ArtFID, CFSD;
-models/paper_metrics.py) are added.
+models/paper_metrics.py, models/paper_metric_nets.py) are added.
+The distances and the per-pair loop live in pipeline/quality_metrics.py; this module is the command.
 """
 from __future__ import annotations
 
 import json
 from pathlib import Path
 
-import cv2
-import numpy as np
 import torch
 
-from pipeline.settings import read_preset
 from models.checkpoint import load_model
 from models.errors import UserError
-from models.losses import gram, mean_std, normalise
-from models.perceptual import load_perceptual
 from models.teacher import load_teacher
 from pipeline.api import Stylizer
 from pipeline.images import contact_sheet, load_image, save_png
-
-SIZE = 256
-BLUR_SIGMA = 3.0
-
-
-def square(image: np.ndarray, size: int = SIZE) -> np.ndarray:
-    """Resize the short side to `size` and centre-crop a square (the paper's test transform)."""
-    h, w = image.shape[:2]
-    s = size / min(h, w)
-    image = cv2.resize(image, (max(size, round(w * s)), max(size, round(h * s))), interpolation=cv2.INTER_AREA)
-    h, w = image.shape[:2]
-    y, x = (h - size) // 2, (w - size) // 2
-    return image[y:y + size, x:x + size]
-
-
-def colour_transfer(content: np.ndarray, style: np.ndarray) -> np.ndarray:
-    """Reinhard colour transfer: match per-channel mean and std in Lab."""
-    c = cv2.cvtColor(content, cv2.COLOR_RGB2LAB).astype(np.float32)
-    s = cv2.cvtColor(style, cv2.COLOR_RGB2LAB).astype(np.float32)
-    cm, cs = c.reshape(-1, 3).mean(0), c.reshape(-1, 3).std(0) + 1e-6
-    sm, ss = s.reshape(-1, 3).mean(0), s.reshape(-1, 3).std(0)
-    out = (c - cm) / cs * ss + sm
-    return cv2.cvtColor(np.clip(out, 0, 255).astype(np.uint8), cv2.COLOR_LAB2RGB)
-
-
-def blurred(content: np.ndarray) -> np.ndarray:
-    return cv2.GaussianBlur(content, (0, 0), BLUR_SIGMA, borderType=cv2.BORDER_REFLECT)
-
-
-def to_tensor(images: list[np.ndarray]) -> torch.Tensor:
-    return torch.from_numpy(np.stack(images)).permute(0, 3, 1, 2).float() / 255.0
-
-
-class Distances:
-    """Style and content distances on one perceptual network."""
-
-    def __init__(self, net):
-        self.net = net
-
-    @torch.no_grad()
-    def features(self, x: torch.Tensor) -> list[torch.Tensor]:
-        return self.net.features(x)
-
-    @torch.no_grad()
-    def per_tap(self, x: torch.Tensor, fs: list[torch.Tensor], fc: list[torch.Tensor]) -> dict[str, torch.Tensor]:
-        """Distances of images x to the style and content whose features are fs and fc."""
-        fx = self.net.features(x)
-        meanstd, grams = [], []
-        for a, s in zip(fx, fs):
-            (ma, sa), (ms, ss) = mean_std(a), mean_std(s)
-            meanstd.append(((ma - ms) ** 2).mean(dim=(1, 2, 3)) + ((sa - ss) ** 2).mean(dim=(1, 2, 3)))
-            grams.append(((gram(a) - gram(s)) ** 2).mean(dim=(1, 2)))
-        content_d = sum(((normalise(fx[i]) - normalise(fc[i])) ** 2).mean(dim=(1, 2, 3)) for i in self.net.content_taps)
-        return {"meanstd": torch.stack(meanstd, 1), "gram": torch.stack(grams, 1), "content": content_d}
-
+from pipeline.quality_metrics import SIZE, evaluate_quality, square, summarise, to_tensor
+from pipeline.settings import read_preset
 
 def style_sources(data: Path, styles: list[Path]) -> list[str]:
     """Each style file's source group from DIR/manifest.json ("all" where the manifest does not say)."""
@@ -124,74 +67,6 @@ def held_out_pairs(data: Path, max_contents: int, max_styles: int) -> tuple[list
         raise UserError(f"{data}: no held-out content/val or style/val images "
                         f"(build them with `mambast data build {data}`)")
     return contents, styles
-
-
-def evaluate_quality(model, contents: list[np.ndarray], styles: list[np.ndarray], net_name: str,
-                     working_size: int = SIZE, seed: int = 0, teacher=None, sources: list[str] | None = None):
-    """Per-pair distances for each method; returns (rows, sample images for the sheet).
-
-    `teacher` (models/teacher.py) adds its row; `sources` names each style's source group for the breakdown."""
-    sources = sources or ["all"] * len(styles)
-    dist = Distances(load_perceptual(net_name))
-    stylizers = {"model": Stylizer(model, working_size=working_size, temporal=False, seed=seed)}
-    if working_size not in (0, SIZE):
-        stylizers["model_at_256"] = Stylizer(model, working_size=SIZE, temporal=False, seed=seed)
-    c_t = to_tensor(contents)
-    fc = dist.features(c_t)
-    rows, sheet = [], []
-    for ci, content in enumerate(contents):
-        stylizers["model"].set_style(content)
-        d = dist.per_tap(to_tensor([stylizers["model"].stylize(content)]), fc, [f[ci:ci + 1] for f in fc])
-        rows.append({"method": "model_identity", "style": None, "content": ci, "content_distance": float(d["content"][0])})
-    for si, style in enumerate(styles):
-        outputs = {}
-        for name, stylizer in stylizers.items():
-            stylizer.set_style(style)
-            outputs[name] = stylizer.stylize(list(contents))
-        transferred = [colour_transfer(c, style) for c in contents]
-        if teacher is not None:
-            outputs["teacher"] = [teacher.stylize_image(c, style) for c in contents]
-        methods = {name: to_tensor(out) for name, out in outputs.items()} | {
-            "content": c_t,
-            "colour_transfer": to_tensor(transferred),
-            "blur_sigma3": to_tensor([blurred(c) for c in contents]),
-        }
-        s_t = to_tensor([style])
-        fs = dist.features(s_t.expand(len(contents), -1, -1, -1))
-        base = dist.per_tap(c_t, fs, fc)  # the content image's own distance per tap: the normaliser
-        for name, x in methods.items():
-            d = dist.per_tap(x, fs, fc)
-            for ci in range(len(contents)):
-                rows.append({"method": name, "style": si, "content": ci, "source": sources[si],
-                             "style_meanstd": float((d["meanstd"][ci] / base["meanstd"][ci].clamp_min(1e-12)).mean()),
-                             "style_gram": float((d["gram"][ci] / base["gram"][ci].clamp_min(1e-12)).mean()),
-                             "content_distance": float(d["content"][ci])})
-        for ci in range(min(2, len(contents))):
-            teacher_cell = [outputs["teacher"][ci]] if teacher is not None else []
-            sheet.append([contents[ci], style, transferred[ci], *teacher_cell, outputs["model"][ci]])
-    return rows, sheet
-
-
-def _means(rows: list[dict]) -> dict:
-    return {k: round(float(np.mean([r[k] for r in rows])), 4)
-            for k in ("style_meanstd", "style_gram", "content_distance") if k in rows[0]}
-
-
-def summarise(rows: list[dict]) -> dict:
-    summary = {}
-    for method in dict.fromkeys(r["method"] for r in rows):
-        summary[method] = _means([r for r in rows if r["method"] == method])
-    summary["by_source"] = {
-        source: {method: _means([r for r in rows if r["method"] == method and r.get("source") == source])
-                 for method in dict.fromkeys(r["method"] for r in rows if r.get("source") == source)}
-        for source in sorted({r["source"] for r in rows if "source" in r})}
-    m, ct, blur = summary["model"], summary["colour_transfer"], summary["blur_sigma3"]
-    summary["checks"] = {
-        "style_halved": m["style_meanstd"] <= 0.5,
-        "beats_colour_transfer": m["style_meanstd"] < ct["style_meanstd"] and m["style_gram"] < ct["style_gram"],
-        "content_kept": m["content_distance"] < blur["content_distance"],
-    }
-    return summary
 
 
 def register_quality(metrics) -> None:

@@ -152,7 +152,7 @@ def style_distances(frames: Iterable[np.ndarray], style: np.ndarray, net) -> lis
     both resized to 256 px short side (EfficientNet-Lite0 in the CLI and the benchmark: not the training network)."""
     import torch
 
-    from models.losses import mean_std
+    from pipeline.quality_metrics import meanstd_per_tap
 
     def prep(img):
         h, w = img.shape[:2]
@@ -161,13 +161,8 @@ def style_distances(frames: Iterable[np.ndarray], style: np.ndarray, net) -> lis
         return torch.from_numpy(np.ascontiguousarray(img)).permute(2, 0, 1)[None].float() / 255
 
     with torch.no_grad():
-        target = [mean_std(f) for f in net.features(prep(style))]
-        out = []
-        for frame in frames:
-            stats = (mean_std(f) for f in net.features(prep(frame)))
-            out.append(sum(float(((m - ms) ** 2).mean() + ((s - ss) ** 2).mean())
-                           for (m, s), (ms, ss) in zip(stats, target)))
-    return out
+        target = net.features(prep(style))
+        return [float(meanstd_per_tap(net.features(prep(frame)), target).sum()) for frame in frames]
 
 
 # Curve colour and legend label per video name; the CLI's names (input/baseline/stylized) and the benchmark's.

@@ -8,7 +8,7 @@ from PIL import Image
 
 from pipeline import packaged_media as assets
 from jobs.cli import main
-from jobs.eval_quality import colour_transfer
+from pipeline.quality_metrics import colour_transfer
 
 
 @pytest.fixture(scope="module")
