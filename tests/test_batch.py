@@ -588,6 +588,7 @@ def test_two_batch_runs_on_one_output_folder_never_race(tmp_path, assets, cluste
 def test_batch_check_decodes_each_style_once(tmp_path, assets, monkeypatch, capsys):
     """Issue 23 item 10: 40 items naming one style decode it once."""
     import pipeline.batch_job as batch_job
+    from jobs.cli import main
 
     calls = []
     real = batch_job.StyleImage.from_path
