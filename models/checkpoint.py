@@ -28,15 +28,32 @@ BUNDLED_DIR = Path(__file__).resolve().parent / "weights"
 OFFICIAL_PARTS = ("mamba", "decode", "embedding")  # official file -> our submodule
 
 
+class _NoAliasSafeLoader(yaml.SafeLoader):
+    """safe_load without anchors and aliases: a few hundred bytes of nested aliases expand to gigabytes."""
+
+    def compose_node(self, parent, index):
+        if self.check_event(yaml.AliasEvent):
+            event = self.peek_event()
+            raise yaml.composer.ComposerError(None, None, "aliases (*name) are not allowed in this file",
+                                              event.start_mark)
+        return super().compose_node(parent, index)
+
+
 def read_yaml(path: str | os.PathLike) -> dict:
-    """YAML through safe_load only; a python tag or a syntax error is a one-line UserError."""
+    """A user's YAML file (preset, job file, training recipe, model config) as a mapping: SafeLoader only, without
+    anchors and aliases; a python tag, an alias or a syntax error is a one-line UserError."""
     try:
         with open(path) as f:
-            data = yaml.safe_load(f)
+            data = yaml.load(f, Loader=_NoAliasSafeLoader)
     except FileNotFoundError:
         raise UserError(f"{path}: file not found") from None
+    except (OSError, UnicodeDecodeError) as e:
+        raise UserError(f"{path}: cannot read it ({' '.join(str(e).split())[:120]})") from None
     except yaml.YAMLError as e:
-        raise UserError(f"{path}: not valid YAML ({str(e).splitlines()[0]})") from None
+        problem = getattr(e, "problem", None) or str(e).splitlines()[0]
+        mark = getattr(e, "problem_mark", None)
+        where = f", line {mark.line + 1}" if mark is not None else ""
+        raise UserError(f"{path}: not valid YAML ({problem[:120]}{where})") from None
     if data is None:
         return {}
     if not isinstance(data, dict):

@@ -155,6 +155,10 @@ class Stylizer:
         >>> for out in stylizer.stream(open_source("clip.mp4").frames()):     # pipeline.source Frames work too
         ...     sink.write(out)
         """
+        try:
+            frames = iter(frames)
+        except TypeError:
+            raise UserError(f"frames: expected an iterable of frames, got {type(frames).__name__}") from None
         clip, clip_key, index = None, None, 0
         for frame in frames:
             image = getattr(frame, "image", frame)  # a pipeline.source.Frame
@@ -184,9 +188,9 @@ def _temporal_config(temporal: bool | float | TemporalConfig) -> TemporalConfig:
 
 def _to_rgb8_batch(images):
     """-> (list of HxWx3 uint8, restore(list) -> the input's kind)."""
+    if isinstance(images, (list, tuple, np.ndarray, torch.Tensor)) and len(images) == 0:
+        raise UserError(f"images: an empty {'list' if isinstance(images, (list, tuple)) else 'batch'}")
     if isinstance(images, (list, tuple)):
-        if not images:
-            raise UserError("images: an empty list")
         pairs = [_to_rgb8_single(im) for im in images]
         return [p[0] for p in pairs], lambda outs: [restore(o) for (_, restore), o in zip(pairs, outs)]
     if isinstance(images, np.ndarray) and images.ndim == 4:

@@ -14,13 +14,11 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
-import os
 import reprlib
 from dataclasses import dataclass
 from pathlib import Path
 
-import yaml
-
+from models.checkpoint import read_yaml
 from models.errors import UserError
 from pipeline.shots import DEFAULT_THRESHOLD
 from pipeline.sink import ENCODERS, SEQUENCE_FORMATS
@@ -156,39 +154,6 @@ _SHORT.maxlist = _SHORT.maxtuple = _SHORT.maxdict = _SHORT.maxset = 4
 def short_repr(value) -> str:
     """repr() of a user's value, cut to a few dozen characters: a message never grows with what the file holds."""
     return _SHORT.repr(value)
-
-
-class _NoAliasSafeLoader(yaml.SafeLoader):
-    """safe_load without anchors and aliases: a few hundred bytes of nested aliases expand to gigabytes."""
-
-    def compose_node(self, parent, index):
-        if self.check_event(yaml.AliasEvent):
-            event = self.peek_event()
-            raise yaml.composer.ComposerError(None, None, "aliases (*name) are not allowed in this file",
-                                              event.start_mark)
-        return super().compose_node(parent, index)
-
-
-def read_yaml(path: str | os.PathLike) -> dict:
-    """A user's settings file (preset, job file) as a mapping: YAML through SafeLoader only, without anchors and
-    aliases; a python tag, an alias or a syntax error is a one-line UserError."""
-    try:
-        with open(path) as f:
-            data = yaml.load(f, Loader=_NoAliasSafeLoader)
-    except FileNotFoundError:
-        raise UserError(f"{path}: file not found") from None
-    except (OSError, UnicodeDecodeError) as e:
-        raise UserError(f"{path}: cannot read it ({' '.join(str(e).split())[:120]})") from None
-    except yaml.YAMLError as e:
-        problem = getattr(e, "problem", None) or str(e).splitlines()[0]
-        mark = getattr(e, "problem_mark", None)
-        where = f", line {mark.line + 1}" if mark is not None else ""
-        raise UserError(f"{path}: not valid YAML ({problem[:120]}{where})") from None
-    if data is None:
-        return {}
-    if not isinstance(data, dict):
-        raise UserError(f"{path}: expected a mapping at the top level, got {type(data).__name__}")
-    return data
 
 
 def read_preset(name_or_path: str, base: str | Path = ".") -> dict:

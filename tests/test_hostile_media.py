@@ -16,6 +16,7 @@ import av
 import cv2
 import numpy as np
 import pytest
+import torch
 import yaml
 
 from jobs.cli import main
@@ -413,6 +414,9 @@ def test_api_input_checks_raise_user_errors_not_raw_exceptions():
                  lambda: Stylizer(model, style=style, batch_size=True), lambda: Stylizer(5, style=style),
                  lambda: Stylizer(model, style=style).stylize(np.zeros((0, 0, 3), np.uint8)),
                  lambda: Stylizer(model, style=style).stylize(image, frame="x"),
-                 lambda: Stylizer(model, style=style).stylize(image, frame=-1)):
+                 lambda: Stylizer(model, style=style).stylize(image, frame=-1),
+                 lambda: Stylizer(model, style=style).stylize(np.zeros((0, 8, 8, 3), np.uint8)),
+                 lambda: Stylizer(model, style=style).stylize(torch.zeros(0, 8, 8, 3)),
+                 lambda: list(Stylizer(model, style=style).stream(None))):
         with pytest.raises(UserError):
             make()
