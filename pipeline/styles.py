@@ -36,6 +36,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from models.checkpoint import available_memory
 from models.errors import UserError
 from models.mambast import MambaST, StyleCode
 from models.style_controls import mix_style_codes, normalise_weights, smoothstep
@@ -196,8 +197,9 @@ def style_files(style) -> tuple[str, ...]:
 class StyleCodes:
     """Style codes of one model and seed, cached by (style, token grid), least recently used dropped first.
 
-    `budget_gb` bounds the cached tensors (default: 4 × the model's `state_cache_gb`); the code asked for last is
-    always kept.
+    `budget_gb` bounds the cached tensors (default: 4 × the model's `state_cache_gb`, at most a quarter of the
+    memory available when the cache is made: an evaluation over dozens of paintings at 512² would otherwise hold
+    ~15 GB of codes); the code asked for last is always kept.
 
     >>> codes = StyleCodes(model, seed=0)
     >>> code = codes.code(StyleImage.from_path("starry.jpg"), grid=(32, 32))     # encoded
@@ -210,7 +212,10 @@ class StyleCodes:
     def __init__(self, model: MambaST, seed: int = 0, budget_gb: float | None = None):
         self.model = model
         self.seed = int(seed)
-        self.budget = (budget_gb if budget_gb is not None else 4 * model.cfg.state_cache_gb) * 2**30
+        if budget_gb is None:
+            self.budget = min(4 * model.cfg.state_cache_gb * 2**30, available_memory() / 4)
+        else:
+            self.budget = budget_gb * 2**30
         self._codes: OrderedDict[tuple, tuple[StyleCode, int]] = OrderedDict()
         self._morphs: OrderedDict[tuple, StyleCode] = OrderedDict()
 

@@ -292,3 +292,10 @@ def test_controls_sheet_job_writes_one_png(tmp_path, styles, capsys):
     assert sheet.shape[0] > 4 * 192 and sheet.shape[1] > 5 * 192  # 4 rows, up to 6 cells
     assert "wrote" in capsys.readouterr().out
     assert cli_main(["controls-sheet", "-o", str(tmp_path / "sheet.jpg"), "--weights", str(weights)]) == 2
+
+
+def test_style_code_cache_takes_at_most_a_quarter_of_the_available_memory(monkeypatch):
+    model = tiny_model()  # its state_cache_gb alone would allow 4 × 4 GiB
+    monkeypatch.setenv("MAMBAST_MEMORY_GB", "1")
+    assert StyleCodes(model).budget == 2**30 / 4
+    assert StyleCodes(model, budget_gb=2).budget == 2 * 2**30  # an explicit budget is taken as given
