@@ -17,6 +17,7 @@ from pipeline.api import Stylizer
 
 SIZE = 256
 BLUR_SIGMA = 3.0
+SHEET_STYLES_TWO_ROWS = 8
 
 
 def square(image: np.ndarray, size: int = SIZE) -> np.ndarray:
@@ -115,7 +116,9 @@ def evaluate_quality(model, contents: list[np.ndarray], styles: list[np.ndarray]
                              "style_meanstd": float((d["meanstd"][ci] / base["meanstd"][ci].clamp_min(1e-12)).mean()),
                              "style_gram": float((d["gram"][ci] / base["gram"][ci].clamp_min(1e-12)).mean()),
                              "content_distance": float(d["content"][ci])})
-        for ci in range(min(2, len(contents))):
+        # sheet rows: two contents per style for a few styles; one per style, taken in turn, for many
+        shown = range(min(2, len(contents))) if len(styles) <= SHEET_STYLES_TWO_ROWS else [si % len(contents)]
+        for ci in shown:
             teacher_cell = [outputs["teacher"][ci]] if teacher is not None else []
             sheet.append([contents[ci], style, transferred[ci], *teacher_cell, outputs["model"][ci]])
     return rows, sheet
