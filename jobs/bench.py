@@ -5,14 +5,16 @@ Each bench is one `register_*(benches)` function in BENCHES, which adds its sub-
     bench model       jobs/bench_model.py     the model's paths (cached style, reference scan, no cache)
     bench pipeline    jobs/bench_pipeline.py  stylize fps against the bare model's; peak RSS against clip length
     bench temporal    jobs/bench_temporal.py  flicker, drift and style distance of the temporal smoothing
+    bench one-frame   jobs/bench_one_frame.py one image through the API, unpadded vs padded to a batch
 """
 from __future__ import annotations
 
 from jobs.bench_model import register_model_bench
+from jobs.bench_one_frame import register_one_frame_bench
 from jobs.bench_pipeline import register_pipeline_bench
 from jobs.bench_temporal import register_temporal_bench
 
-BENCHES = [register_model_bench, register_pipeline_bench, register_temporal_bench]
+BENCHES = [register_model_bench, register_pipeline_bench, register_temporal_bench, register_one_frame_bench]
 
 
 def register(sub) -> None:

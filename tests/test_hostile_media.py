@@ -420,3 +420,11 @@ def test_api_input_checks_raise_user_errors_not_raw_exceptions():
                  lambda: list(Stylizer(model, style=style).stream(None))):
         with pytest.raises(UserError):
             make()
+
+
+def test_one_frame_bench_times_both_paths_in_one_run(capsys):
+    """Issue 23 item 9's figure comes from `mambast bench one-frame`; here at a tiny size, one run each."""
+    assert main(["bench", "one-frame", "--size", "96x64", "--working-size", "64", "--runs", "1"]) == 0
+    report = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert set(report["runs"]) == {"unpadded", "padded"} and all(len(v) == 1 for v in report["runs"].values())
+    assert report["speedup"] > 0 and report["batch_size"] == 4
