@@ -6,15 +6,18 @@ Each bench is one `register_*(benches)` function in BENCHES, which adds its sub-
     bench pipeline    jobs/bench_pipeline.py  stylize fps against the bare model's; peak RSS against clip length
     bench temporal    jobs/bench_temporal.py  flicker, drift and style distance of the temporal smoothing
     bench one-frame   jobs/bench_one_frame.py one image through the API, unpadded vs padded to a batch
+    bench widths      jobs/bench_widths.py    per-frame time of wider variants of a model config
 """
 from __future__ import annotations
 
 from jobs.bench_model import register_model_bench
 from jobs.bench_one_frame import register_one_frame_bench
 from jobs.bench_pipeline import register_pipeline_bench
+from jobs.bench_widths import register_widths_bench
 from jobs.bench_temporal import register_temporal_bench
 
-BENCHES = [register_model_bench, register_pipeline_bench, register_temporal_bench, register_one_frame_bench]
+BENCHES = [register_model_bench, register_pipeline_bench, register_temporal_bench, register_one_frame_bench,
+           register_widths_bench]
 
 
 def register(sub) -> None:

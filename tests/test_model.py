@@ -109,3 +109,13 @@ def test_configs_build():
     assert official.dt_rank == 32
     small = model_config("small")
     assert small.d_model < official.d_model
+
+
+def test_widths_bench_times_each_variant_in_one_run(capsys):
+    import json
+
+    from jobs.cli import main
+    assert main(["bench", "widths", "--variants", "32,48:16-8-8", "--size", "64x48", "--runs", "1"]) == 0
+    report = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert list(report["variants"]) == ["32", "48:16-8-8"] and report["variants"]["32"]["ratio"] == 1.0
+    assert report["variants"]["48:16-8-8"]["params_m"] != report["variants"]["32"]["params_m"]

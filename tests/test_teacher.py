@@ -106,3 +106,4 @@ def test_training_with_a_teacher_adds_its_loss_and_resumes_bit_for_bit(tmp_path,
     bad.write_text(yaml.safe_dump({"teacher_share": 1.5}))
     with pytest.raises(UserError, match="teacher_share must be in"):
         Recipe.load(bad)
+
