@@ -53,9 +53,19 @@ def write_h264(container, images, size=None, rate=25):
     """Encode RGB uint8 frames (all of one size) as a quiet libx264 stream of `container`, pts 0, 1, 2, ...
     `size` (width, height) is needed only for a stream with no frames."""
     width, height = size or (images[0].shape[1], images[0].shape[0])
+    encode_frames(container, add_h264(container, width, height, rate), images)
+
+
+def add_h264(container, width, height, rate=25):
+    """A quiet libx264 yuv420p stream of `container` (add every stream before encoding into any)."""
     stream = container.add_stream("libx264", rate=rate)
     stream.width, stream.height, stream.pix_fmt = width, height, "yuv420p"
     stream.options = {"x264-params": "log-level=error"}
+    return stream
+
+
+def encode_frames(container, stream, images):
+    """RGB uint8 frames into `stream` with pts 0, 1, 2, ..., then flushed."""
     for i, image in enumerate(images):
         frame = av.VideoFrame.from_ndarray(image, format="rgb24")
         frame.pts = i

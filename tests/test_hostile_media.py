@@ -9,7 +9,6 @@ import signal
 import subprocess
 import sys
 import time
-from fractions import Fraction
 from pathlib import Path
 
 import av
@@ -22,7 +21,7 @@ import yaml
 from jobs.cli import main
 from models.checkpoint import save_model
 from pipeline.source import open_source
-from tests.media import AUDIO_RATE, write_h264, write_sine
+from tests.media import AUDIO_RATE, add_h264, encode_frames, write_h264, write_sine
 from tiny_models import TINY, tiny_model
 
 REPO = Path(__file__).resolve().parent.parent
@@ -39,18 +38,10 @@ def frames(count, size=(64, 48), seed=0):
 def write_clip(path, count=6, rate=25, audio_seconds=None, size=(64, 48)):
     with av.open(str(path), "w") as container:
         if audio_seconds:
-            video = container.add_stream("libx264", rate=rate)
-            video.width, video.height, video.pix_fmt = size[0], size[1], "yuv420p"
-            video.options = {"x264-params": "log-level=error"}
+            video = add_h264(container, size[0], size[1], rate)
             sound = container.add_stream("aac", rate=AUDIO_RATE)
             sound.layout = "stereo"
-            for i, image in enumerate(frames(count, size)):
-                frame = av.VideoFrame.from_ndarray(image, format="rgb24")
-                frame.pts = i
-                for packet in video.encode(frame):
-                    container.mux(packet)
-            for packet in video.encode():
-                container.mux(packet)
+            encode_frames(container, video, frames(count, size))
             write_sine(container, sound, audio_seconds)
         else:
             write_h264(container, frames(count, size), rate=rate)
@@ -211,20 +202,9 @@ def test_the_real_video_stream_is_read_and_named(assets, tmp_path, capsys):
     with av.open(str(clip), "w") as container:
         cover = container.add_stream("mjpeg", rate=1)
         cover.width, cover.height, cover.pix_fmt = 64, 48, "yuvj420p"
-        video = container.add_stream("libx264", rate=25)
-        video.width, video.height, video.pix_fmt = 64, 48, "yuv420p"
-        video.options = {"x264-params": "log-level=error"}
-        picture = av.VideoFrame.from_ndarray(np.full((48, 64, 3), 200, np.uint8), format="rgb24")
-        picture.pts = 0
-        for packet in [*cover.encode(picture), *cover.encode()]:
-            container.mux(packet)
-        for i, image in enumerate(frames(8)):
-            frame = av.VideoFrame.from_ndarray(image, format="rgb24")
-            frame.pts = i
-            for packet in video.encode(frame):
-                container.mux(packet)
-        for packet in video.encode():
-            container.mux(packet)
+        video = add_h264(container, 64, 48)
+        encode_frames(container, cover, [np.full((48, 64, 3), 200, np.uint8)])
+        encode_frames(container, video, frames(8))
     source = open_source(clip, backend="pyav")
     assert source.info.num_frames == 8 and source.info.stream_index == 1
     assert np.array_equal(next(iter(source.frames())).image.shape, (48, 64, 3))
