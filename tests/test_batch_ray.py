@@ -212,7 +212,9 @@ def test_two_batch_runs_on_one_output_folder_never_race(tmp_path, assets, cluste
     other = write_job(tmp_path, assets, name="other.yaml", styles=[str(assets / "styles" / "wave.png")])
     job = load_job(path)
     lock = Path(job.output_dir) / ".mambast-batch" / "lock"
-    first = run_batch_cli(str(path), "--address", address, fault="slow:0.05")
+    # 1 s per kept frame: 64 frames on 2 workers outlast the three refused launches below even on a quiet machine
+    # (at 0.05 s the first run could finish before the third launch checked the lock)
+    first = run_batch_cli(str(path), "--address", address, fault="slow:1.0")
     try:
         wait_for(lambda: (lock.exists() and lock.read_text().startswith(f"pid {first.pid}"))
                  or first.poll() is not None)
