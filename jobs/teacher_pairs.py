@@ -14,6 +14,7 @@ is the cache hit, so a rerun computes nothing that is already there, and a chang
 """
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import os
@@ -49,8 +50,7 @@ def build_pairs(data: Path, contents: list[Path], styles: list[Path], count: int
     folder = teacher_folder(data)
     (folder / "pairs").mkdir(parents=True, exist_ok=True)
 
-    images: dict[Path, np.ndarray] = {}
-    image = lambda p: images[p] if p in images else images.setdefault(p, load_image(p))  # noqa: E731
+    image = functools.cache(load_image)  # each photo decoded once, however many pairs draw it
     vectors: dict[Path, np.ndarray] = {}
     file_sha: dict[Path, str] = {}
     records = []

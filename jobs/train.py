@@ -91,10 +91,7 @@ class Recipe:
             recipe = cls(**raw)
         except TypeError as e:
             raise UserError(f"{path}: {e}") from None
-        jitter = recipe.style_hue_jitter
-        if isinstance(jitter, bool) or not isinstance(jitter, (int, float)) or not 0.0 <= jitter <= 1.0:
-            raise UserError(f"{path}: style_hue_jitter must be in [0, 1], got {recipe.style_hue_jitter!r}")
-        for name in ("teacher_photo_share", "teacher_share"):
+        for name in ("style_hue_jitter", "teacher_photo_share", "teacher_share"):
             value = getattr(recipe, name)
             if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0.0 <= value <= 1.0:
                 raise UserError(f"{path}: {name} must be in [0, 1], got {value!r}")
