@@ -257,11 +257,11 @@ def stylized_by_clip_stylizer(model, frames, config, monkeypatch):
 @pytest.mark.parametrize("case, working_size, preserve_color, worst_level, mean_level", [
     ("guided upsampling", 64, False, 1, 1e-3),
     ("guided + colour", 64, True, 1, 1e-3),
-    ("area down", 160, False, 1, 1e-3),               # working size above the source: averaged back down
+    ("area down", 144, False, 1, 1e-3),               # working size above the source: averaged back down
 ])
 def test_device_post_matches_the_host_path_on_a_real_clip(clip, model, monkeypatch, case, working_size,
                                                            preserve_color, worst_level, mean_level):
-    frames = clip if working_size < 136 else clip[:5]
+    frames = clip if working_size < 136 else clip[:4]
     config = StylizerConfig(working_size=working_size, preserve_color=preserve_color)
     work = working_shape(136, 320, working_size)
     host, stylized = stylized_by_clip_stylizer(model, frames, config, monkeypatch)
@@ -351,9 +351,9 @@ def test_a_batch_makes_no_host_sync_and_one_download(clip, preserve_color):
 ])
 def test_on_a_device_no_copy_blocks_the_host(clip, preserve_color):
     """On the meta device (shapes only) every host->device copy shows, and so would any .cpu(), .numpy(),
-    .tolist() or `if` on a tensor (they fail there): each copy must be non-blocking. (4 frames: grid_sample
-    runs as a slow Python decomposition on meta.)"""
-    counted = one_counted_batch(clip[:4], "meta", preserve_color)
+    .tolist() or `if` on a tensor (they fail there): each copy must be non-blocking. (3 frames, the counted one
+    warping 2 runs: grid_sample runs as a slow Python decomposition on meta.)"""
+    counted = one_counted_batch(clip[:3], "meta", preserve_color)
     assert counted.syncs == [], counted.syncs
 
 
