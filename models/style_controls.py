@@ -51,11 +51,12 @@ from torch import Tensor
 from models.errors import UserError
 from models.mambast import MambaST, StyleCode, StyleLayerCode
 
-# BT.601 full-range RGB <-> YCbCr (chroma centred on 0 here; JPEG adds 0.5).
-_RGB_TO_YCC = torch.tensor([[0.299, 0.587, 0.114],
-                            [-0.168736, -0.331264, 0.5],
-                            [0.5, -0.418688, -0.081312]])
-_YCC_TO_RGB = torch.linalg.inv(_RGB_TO_YCC)
+# BT.601 full-range RGB <-> YCbCr (chroma centred on 0 here; JPEG adds 0.5). Python floats, not tensors: a
+# matrix tensor would be copied to the frames' device on every call, a blocking host->device copy on CUDA.
+_RGB_TO_YCC = ((0.299, 0.587, 0.114),
+               (-0.168736, -0.331264, 0.5),
+               (0.5, -0.418688, -0.081312))
+_YCC_TO_RGB = tuple(map(tuple, torch.linalg.inv(torch.tensor(_RGB_TO_YCC, dtype=torch.float64)).tolist()))
 MAX_LUMA_GAIN = 4.0  # colour preservation never raises the stylized contrast more than this (a flat output stays flat)
 
 
@@ -80,12 +81,17 @@ def check_strength(strength: float) -> float:
 
 def rgb_to_ycbcr(rgb: Tensor) -> Tensor:
     """(B, 3, H, W) RGB in [0, 1] -> (B, 3, H, W) Y in [0, 1], Cb and Cr in [-0.5, 0.5] (BT.601 full range)."""
-    return torch.einsum("ij,bjhw->bihw", _RGB_TO_YCC.to(rgb), rgb)
+    return _mix_channels(_RGB_TO_YCC, rgb)
 
 
 def ycbcr_to_rgb(ycc: Tensor) -> Tensor:
     """Inverse of `rgb_to_ycbcr` (unclamped)."""
-    return torch.einsum("ij,bjhw->bihw", _YCC_TO_RGB.to(ycc), ycc)
+    return _mix_channels(_YCC_TO_RGB, ycc)
+
+
+def _mix_channels(matrix, x: Tensor) -> Tensor:
+    """out[:, i] = sum_j matrix[i][j] * x[:, j] for (B, 3, H, W) x and a 3x3 matrix of Python floats."""
+    return torch.stack([row[0] * x[:, 0] + row[1] * x[:, 1] + row[2] * x[:, 2] for row in matrix], dim=1)
 
 
 def preserve_colors(stylized: Tensor, content: Tensor) -> Tensor:

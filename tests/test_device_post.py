@@ -343,12 +343,7 @@ def test_a_batch_makes_no_host_sync_and_one_download(clip, preserve_color):
     assert counted.syncs == [] and counted.downloads == 1
 
 
-@pytest.mark.parametrize("preserve_color", [
-    False,
-    pytest.param(True, marks=pytest.mark.xfail(strict=True, reason=(
-        "models/style_controls.py moves its 3x3 YCbCr matrices to the frame's device on every call: "
-        "4 blocking host->device copies per frame"))),
-])
+@pytest.mark.parametrize("preserve_color", [False, True])
 def test_on_a_device_no_copy_blocks_the_host(clip, preserve_color):
     """On the meta device (shapes only) every host->device copy shows, and so would any .cpu(), .numpy(),
     .tolist() or `if` on a tensor (they fail there): each copy must be non-blocking. (3 frames, the counted one
