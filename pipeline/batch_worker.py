@@ -1,8 +1,8 @@
 """The batch worker: one chunk task → one chunk file, on any node, the same bits however often it is retried.
 
     ChunkTask (clip, style spec, Settings, Chunk, chunk file path)
-      │ decode_chunk (PyAV; the chunk's lead-in then kept frames)
-      │ ChunkStylizer.stylize (pipeline/chunks.py: lead-in outputs dropped)
+      │ decode_chunk (PyAV; the chunk's lead-in then kept frames)          on the stylizer's feeding thread
+      │ ChunkStylizer.stylize (pipeline/chunks.py: lead-in outputs dropped)  its stages, a thread each
       ▼ FrameSink: the chunk file in the final codec, starting with a keyframe ──► ChunkDone (a small record)
 
 Bit-identical results whatever the worker and however often a chunk is retried: workers pin their torch/OpenCV
@@ -22,6 +22,7 @@ import os
 import socket
 import time
 from collections import OrderedDict
+from contextlib import closing
 from dataclasses import dataclass
 from fractions import Fraction
 
@@ -127,14 +128,14 @@ class ChunkRenderer:
                              f"{config.lead_in}")
         timing, shift = chunk_timing(info, chunk, relative=chunk_format(settings.video_codec)[1])
         sink = FrameSink(task.path, like=timing, codec=settings.video_codec, crf=settings.crf,
-                         pix_fmt=settings.pix_fmt, overwrite=True,
-                         codec_options={"threads": str(settings.encoder_threads)})
+                         pix_fmt=settings.pix_fmt, overwrite=True, threads=settings.encoder_threads)
         try:
-            frames = decode_chunk(source, chunk)
+            frames = decode_chunk(source, chunk)  # decoded on the stylizer's feeding thread, ahead of the model
             style = self._style(task.style, info.fps)
-            for frame in self.stylizer.stylize(chunk, frames, style, (info.height, info.width), config):
-                sink.write(dataclasses.replace(frame, pts=frame.pts - shift))
-                self._fault_hook(task, sink.frames_written)
+            with closing(self.stylizer.stylize(chunk, frames, style, (info.height, info.width), config)) as stylized:
+                for frame in stylized:  # encoded here while the stylizer's stages work on the next frames
+                    sink.write(dataclasses.replace(frame, pts=frame.pts - shift))
+                    self._fault_hook(task, sink.frames_written)
             sink.close()
         except BaseException:
             sink.abort()

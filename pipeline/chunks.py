@@ -4,11 +4,18 @@
                                        │ per chunk, in any process: decode_chunk (lead-in + kept Frames)
                                        ▼
     ChunkStylizer.stylize(chunk, frames, style, frame_shape, config) ──► the kept Frames, stylized
+        frames ─► prepare ─► motion ─► model ─► post ─► (download) ─► kept Frames     the ClipStylizer's stages,
+                  a thread each, a couple of batches queued between them              pipeline/stylizer.py
 
 A chunk gets a fresh `ClipStylizer` (its temporal state starts empty; style codes are cached per seed across
 chunks) that starts at the chunk's first lead-in frame and whose lead-in outputs are dropped; frames go to the model
 `batch_size` at a time from that first frame. The smoothers have a finite memory (pipeline/temporal.py), so a
 chunk's kept frames equal those of a one-piece run bit for bit, whichever worker runs it and however often.
+
+The stages run pipelined (StylizerConfig.pipelined): the frames are pulled from the caller's iterator by the first
+stage's feeding thread (so a lazy decoder decodes there, ahead of the model), flow and post-processing overlap the
+model, and the caller gets the kept frames in order while it encodes. Every runner and actor drives this engine,
+so every one of them gets the overlap; its threads are joined when the chunk is done or given up.
 
 Everyone drives this one engine: the local runner (pipeline/local_runner.py, its chunks from one decoded stream),
 `stylize --runner ray` (pipeline/ray_clip.py, frames sent to and from Ray actors) and `batch`
@@ -21,7 +28,7 @@ from bisect import bisect_left
 from collections import deque
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
-from itertools import chain, islice
+from itertools import chain
 
 import cv2
 import torch
@@ -185,14 +192,24 @@ class ChunkStylizer:
 
     def stylize(self, chunk: Chunk, frames: Iterable[Frame], style, frame_shape: tuple[int, int],
                 config: StylizerConfig) -> Iterator[Frame]:
-        """The chunk's kept frames, stylized; `frames` are its lead-in then its kept frames, in order."""
+        """The chunk's kept frames, stylized; `frames` are its lead-in then its kept frames, in order.
+
+        The frames go through the ClipStylizer's stages (pipelined unless `config.pipelined` is off), read from
+        `frames` as the first stage asks for them. Close the iterator when leaving it early (contextlib.closing):
+        that stops the stage threads.
+        """
         clip = self.clip(style, frame_shape, config, chunk.first)
-        frames, expected = iter(frames), iter(chunk.indices)
-        while batch := list(islice(frames, config.batch_size)):
-            if [f.index for f in batch] != list(islice(expected, len(batch))):
-                raise ValueError(f"chunk {chunk.index}: frames do not match its lead-in and kept indices")
-            for frame in clip.stylize_frames(batch):
-                if frame.index >= chunk.kept.start:
-                    yield frame
-        if next(expected, None) is not None:
-            raise ValueError(f"chunk {chunk.index}: fewer frames than its lead-in and kept indices")
+        for frame in clip.stylize_stream(checked_frames(chunk, frames)):
+            if frame.index >= chunk.kept.start:
+                yield frame
+
+
+def checked_frames(chunk: Chunk, frames: Iterable[Frame]) -> Iterator[Frame]:
+    """`frames`, checked to be the chunk's lead-in then kept frames, no more and no fewer."""
+    expected = iter(chunk.indices)
+    for frame in frames:
+        if frame.index != next(expected, None):
+            raise ValueError(f"chunk {chunk.index}: frames do not match its lead-in and kept indices")
+        yield frame
+    if next(expected, None) is not None:
+        raise ValueError(f"chunk {chunk.index}: fewer frames than its lead-in and kept indices")

@@ -1,8 +1,14 @@
 """The local runner (no Ray): a video file in, a stylized video out, in constant memory.
 
-    FrameReader thread ─► queue ─► ChunkStylizer, chunk by chunk ─► queue ─► FrameWriter thread
-    (decodes the selected    (pipeline/chunks.py; one chunk unless       (FrameSink: encodes in order,
-     frames)                   chunk_frames is set; lead-ins dropped)      audio, timestamps, metadata)
+    FrameReader thread ─► queue ─► ChunkStylizer, chunk by chunk ─────────────► queue ─► FrameWriter thread
+    (decodes the selected    (pipeline/chunks.py; one chunk unless chunk_frames      (FrameSink: encodes in order,
+     frames)                   is set; lead-ins dropped)                             audio, timestamps, metadata)
+                               prepare ─► motion ─► model ─► post ─► (download)
+                               the stylizer's stages, a thread each (pipelined),
+                               a couple of batches queued between them
+
+Every stage works at once on its own batch or frame; `pipelined: false` runs the stylizer's stages one after another
+instead (the same frames, bit for bit).
 
 `run_local(job)` runs a `StylizeJob` in this process; pipeline/ray_clip.py runs the same job's chunks on Ray actors
 with the same ChunkStylizer and gives the same frames bit for bit. `run_preview` writes a contact sheet instead.
@@ -14,6 +20,7 @@ import os
 import platform
 import time
 from collections.abc import Sequence
+from contextlib import closing
 from dataclasses import replace
 
 import numpy as np
@@ -46,9 +53,11 @@ def run_local(job: StylizeJob, progress: bool = True) -> Summary:
         with (FrameReader(render.source, render.selection) as reader, FrameWriter(render.sink) as writer,
               progress_bar(len(render.selection), progress) as bar):
             for chunk, frames in chunks_from_stream(iter(reader), render.chunks(default_chunk_frames=0)):
-                for frame in stylizer.stylize(chunk, frames, render.style, render.frame_shape, render.config):
-                    writer.write(frame)
-                    bar.update(1)
+                stylized = stylizer.stylize(chunk, frames, render.style, render.frame_shape, render.config)
+                with closing(stylized):  # a failed write stops the stage threads before the reader stops
+                    for frame in stylized:
+                        writer.write(frame)
+                        bar.update(1)
             writer.finish()
         render.sink.close()
     except BaseException:

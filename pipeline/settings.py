@@ -22,7 +22,7 @@ from models.checkpoint import read_yaml
 from models.errors import UserError
 from pipeline.shots import DEFAULT_THRESHOLD
 from pipeline.sink import ENCODERS, SEQUENCE_FORMATS
-from pipeline.stylizer import StylizerConfig
+from pipeline.stylizer import POST_PLACES, StylizerConfig
 from pipeline.temporal import DIS_PRESETS, TemporalConfig
 
 PRESET_DIR = Path(__file__).resolve().parent.parent / "configs" / "presets"
@@ -46,8 +46,10 @@ class Settings:
     audio: bool = True              # keep the source's audio
     chunk_frames: int = 0           # most kept frames per chunk (0: one piece locally, 64 on Ray, 240 in a batch)
     shot_threshold: float = DEFAULT_THRESHOLD  # a new shot resets the smoothing (and ends a batch chunk)
-    encoder_threads: int = 0        # 0: the encoder's choice (a batch fixes 2: every worker writes the same bits)
+    encoder_threads: int = 0        # 0: one per core, at most 16 (a batch fixes 2: every worker writes the same bits)
     strict: bool = False            # refuse a damaged input instead of stylizing its decodable frames
+    pipelined: bool = True          # the stylizer's stages on threads of their own, overlapped (false: one by one)
+    post: str = "auto"              # post-processing on the model's "device" or the "host" (auto: device on CUDA)
 
     OPTIONAL = ("codec", "pix_fmt")  # may be None
 
@@ -76,8 +78,10 @@ class Settings:
             ("audio", isinstance(self.audio, bool), "must be true or false"),
             ("chunk_frames", whole(self.chunk_frames, 0), "must be an integer >= 0 (0 = the runner's choice)"),
             ("shot_threshold", number(self.shot_threshold, 1e-9, float("inf")), "must be > 0"),
-            ("encoder_threads", whole(self.encoder_threads, 0), "must be an integer >= 0 (0 = the encoder's choice)"),
+            ("encoder_threads", whole(self.encoder_threads, 0), "must be an integer >= 0 (0 = one per core)"),
             ("strict", isinstance(self.strict, bool), "must be true or false"),
+            ("pipelined", isinstance(self.pipelined, bool), "must be true or false"),
+            ("post", self.post in POST_PLACES, f"must be one of {', '.join(POST_PLACES)}"),
         ]
         for key, ok, problem in rules:
             if not ok:
@@ -93,7 +97,8 @@ class Settings:
         return StylizerConfig(working_size=self.working_size, batch_size=self.batch_size, seed=self.seed,
                               temporal=temporal, temporal_enabled=self.temporal_strength > 0,
                               strength=float(self.style_strength), preserve_color=bool(self.preserve_color),
-                              pad_batches=True)  # chunked clips are bit-identical to one-piece ones
+                              pad_batches=True,  # chunked clips are bit-identical to one-piece ones
+                              pipelined=self.pipelined, post=self.post)
 
 
 SETTING_NAMES = tuple(f.name for f in dataclasses.fields(Settings))

@@ -9,6 +9,12 @@ time base, so the frame rate, VFR timing and the sync with the passed-through au
 With `fps`, or without `like`, frames are renumbered 0, 1, 2, ... at that rate (24 if neither is given).
 
 Alpha is kept by prores (4444), ffv1 and PNG/EXR sequences; h264 and hevc drop it.
+
+Threads: the encoder gets an explicit thread count (`threads`; 0: one per core, at most MAX_ENCODER_THREADS) and
+FFmpeg's thread type "AUTO": frame threads where the encoder has them (x264, x265), else slice threads (ffv1).
+Encoders such as x264 write different bits for different thread counts, so runs that must match bit for bit (a
+batch's chunks, rendered on any machine) fix the count. x264's own default, 1.5 threads per core, would crowd the
+stylizer's stages that run beside the encoder (pipeline/stylizer.py).
 """
 
 from __future__ import annotations
@@ -31,6 +37,7 @@ SEQUENCE_FORMATS = ("png", "exr")
 ENCODERS = {"h264": "libx264", "hevc": "libx265", "prores": "prores_ks", "ffv1": "ffv1"}
 DEFAULT_SEQUENCE_PATTERN = "%06d"
 SEQUENCE_METADATA_FILE = "metadata.json"
+MAX_ENCODER_THREADS = 16  # threads 0: one per core up to this; x264's frame threads gain little beyond it at 1080p
 
 # FFmpeg can mux PCM and a few other audio codecs into .mp4, but common players do not play them there.
 MP4_AUDIO_CODECS = {"aac", "mp3", "ac3", "eac3", "alac", "opus", "flac"}
@@ -55,6 +62,7 @@ class FrameSink:
         codec_options: dict | None = None,
         protect: tuple[str, ...] = (),
         end_pts: int | None = None,
+        threads: int = 0,
     ):
         """Prepare to write `path`: a .mp4/.m4v/.mov/.mkv file, a folder, or a pattern like out/%06d.png.
 
@@ -66,6 +74,7 @@ class FrameSink:
         `protect`: more inputs (the style images) that the output may never replace or hold.
         `end_pts` (with `like`): where the last frame ends, when it stands for more than its own source frame
         (every n-th frame); default: where its source frame ends.
+        `threads`: the video encoder's thread count (0: `encoder_threads(0)`, one per core up to 16).
 
         With `overwrite`, a file output is replaced; a frames folder only when it holds nothing but what this tool
         wrote there, as recorded on the folder (`_written_here`), never another file.
@@ -95,6 +104,7 @@ class FrameSink:
                     self._temp, self.path, self.codec, crf, pix_fmt, like, rate,
                     keep_pts=like is not None and fps is None, audio_from=audio_from,
                     metadata=metadata, codec_options=codec_options or {}, end_pts=end_pts,
+                    threads=encoder_threads(threads),
                 )
         except (OSError, av.FFmpegError) as error:
             _remove(self._temp)
@@ -158,6 +168,11 @@ class FrameSink:
             self.close()
         else:
             self.abort()
+
+
+def encoder_threads(threads: int) -> int:
+    """The encoder thread count for a `threads` setting: itself, or for 0 one per core up to MAX_ENCODER_THREADS."""
+    return threads or min(os.cpu_count() or 1, MAX_ENCODER_THREADS)
 
 
 def _remove(path: str) -> None:
@@ -347,7 +362,7 @@ class _SequenceWriter:
 
 class _VideoWriter:
     def __init__(self, temp, path, codec, crf, pix_fmt, like, rate, keep_pts, audio_from, metadata, codec_options,
-                 end_pts=None):
+                 end_pts=None, threads=1):
         self.path = path
         self.end_pts = end_pts if keep_pts else None
         self.codec = codec
@@ -358,6 +373,7 @@ class _VideoWriter:
         self.keep_pts = keep_pts
         self.time_base = like.time_base if keep_pts else 1 / rate
         self.codec_options = codec_options
+        self.threads = threads
         self.stream = None  # made at the first frame, once the size and alpha are known
         self.pending = None  # the last frame, held back until the next one gives its duration
         self.first_pts = self.previous_pts = None
@@ -425,6 +441,8 @@ class _VideoWriter:
         # Without B-frames, MP4's decode-order durations are the frames' own: VFR timing survives exactly.
         no_b_frames = self.keep_pts and like.is_vfr
         stream.options = {**_encoder_options(self.codec, self.crf, pix_fmt, no_b_frames), **self.codec_options}
+        stream.codec_context.thread_count = self.threads
+        stream.codec_context.thread_type = "AUTO"  # frame threads where the encoder has them, else slices
         if self.codec == "hevc":
             stream.codec_context.codec_tag = "hvc1"  # Apple players refuse the default hev1 tag
         self.colour = _colour_tags(like, pix_fmt)

@@ -131,10 +131,10 @@ def open_render(job: StylizeJob, runner: str) -> Render:
     render = check_job(job)
     audio_from = job.input if render.audio == "kept" else None
     settings = job.settings
-    threads = {"threads": str(settings.encoder_threads)} if settings.encoder_threads else None
     render.sink = FrameSink(job.output, like=render.source.info, codec=settings.codec, crf=settings.crf,
                             pix_fmt=settings.pix_fmt, audio_from=audio_from, metadata=job_metadata(render, runner),
-                            overwrite=job.overwrite, codec_options=threads, protect=style_files(render.style),
+                            overwrite=job.overwrite, threads=settings.encoder_threads,
+                            protect=style_files(render.style),
                             end_pts=selection_end_pts(render.source, render.selection))
     return render
 

@@ -1,16 +1,29 @@
-"""The stylizer stage: the model, one clip's cached style, and frames in → stylized frames out.
+"""The stylizer: the model, one clip's cached style, and frames in → stylized frames out, in stages.
 
-    frames (RGB uint8, source size)
-      │ resize to the working size (aspect kept; --working-size is the short side; smaller frames are enlarged)
-      │ model.stylize_tokens, a batch at a time         (content encoder + MSTD readout of the cached style states;
-      │                                                   strength < 1: lerp with the identity pass, models/style_controls.py)
-      │ TokenSmoother, frame by frame                   (temporal state smoothing at token level, pipeline/temporal.py)
-      │ model.decode_stylized, a batch at a time        (CNN decoder; strength < 1: + the fading content residual)
-      │ back to the source size                          (guided upsampling when the working size is smaller: 4K
-      │                                                   stays sharp; area averaging when it is larger)
-      │ colour preservation (optional)                  (stylized luma, the source frame's own chroma, at full size)
-      │ OutputSmoother, frame by frame                  (occlusion-aware blend with the warped previous output)
+    frames (RGB uint8, source size), in clip order, a batch at a time
+      │ prepare   resize to the working size (aspect kept; --working-size is the short side; smaller frames are
+      │           enlarged) and upload, uint8 (pinned memory, non_blocking on CUDA)
+      │ motion    MotionEstimator.step, frame by frame: DIS flow both ways + occlusion mask from the *input* frames
+      │           (pipeline/temporal.py); needs nothing from the model, so it runs ahead of it
+      │ model     model.stylize_tokens                 (content encoder + MSTD readout of the cached style states;
+      │                                                 strength < 1: lerp with the identity pass, models/style_controls.py)
+      │           TokenSmoother, frame by frame        (optional: temporal state smoothing at token level)
+      │           model.decode_stylized                (CNN decoder; strength < 1: + the fading content residual)
+      │ post      back to the source size               (guided upsampling when the working size is smaller: 4K
+      │                                                  stays sharp; area averaging when it is larger)
+      │           colour preservation (optional)        (stylized luma, the source frame's own chroma, at full size)
+      │           OutputSmoother, frame by frame        (occlusion-aware blend with the warped previous output)
+      │           uint8                                  on the host (OpenCV: HostPostprocessor) or on the model's
+      │                                                  device (pipeline/device_post.py), per StylizerConfig.post
+      │ download  uint8 frames back to the host          (device post only; the host post's frames are there)
     stylized frames (RGB uint8, source size)
+
+Pipelined (StylizerConfig.pipelined, the default), every stage runs on a thread of its own with a couple of
+batches queued between stages (pipeline/frame_threads.run_stages): the flow and the host post-processing of one
+batch overlap the model's work on the next; OpenCV, PyAV and torch let go of the GIL. Serial, the same stage
+objects run one after another in the caller: the oracle, whose frames the pipelined run equals bit for bit. Each
+piece of temporal state lives in exactly one stage (the motion estimator in motion, the token smoother in model,
+the output smoother in post) and sees the frames in order, so threads change no result.
 
 The output smoother runs last, at the source size, with flow from the source frames: guided upsampling gives each
 frame the source's own edges and sensor noise, so smoothing before it (at the working size) leaves that flicker in
@@ -28,7 +41,7 @@ Everything here is plain Python and works without Ray; pipeline/chunks.py drives
 from __future__ import annotations
 
 import time
-from collections.abc import Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field, replace
 
 import cv2
@@ -39,9 +52,13 @@ from models.checkpoint import available_memory
 from models.errors import UserError
 from models.mambast import MambaST, MambaSTConfig, StyleCode, pad_to_multiple
 from models.style_controls import check_strength, preserve_colors
+from pipeline.frame_threads import run_stages
 from pipeline.source import Frame
 from pipeline.styles import StyleBlend, StyleCodes, StyleImage, StyleSchedule
-from pipeline.temporal import MotionEstimator, OutputSmoother, TemporalConfig, TokenSmoother
+from pipeline.temporal import FrameMotion, MotionEstimator, OutputSmoother, TemporalConfig, TokenSmoother
+
+POST_PLACES = ("auto", "device", "host")
+STAGE_THREADS = 6  # a pipelined ClipStylizer's threads at most: feeding + prepare, motion, model, post, download
 
 
 @dataclass(frozen=True)
@@ -64,9 +81,18 @@ class StylizerConfig:
     # boundaries never change a frame's bits; single images and live streams run the frames they have (one frame
     # costs one frame, not batch_size: issue 23, measured in the closing note).
     pad_batches: bool = False
+    # The stages on threads of their own, overlapped (False: one after another in the caller, the same frames).
+    pipelined: bool = True
+    # Where post-processing runs: "device" (pipeline/device_post.py, on the model's device), "host" (OpenCV) or
+    # "auto": the device on CUDA, the host on CPU.
+    post: str = "auto"
 
     def __post_init__(self):
         check_strength(self.strength)
+        if self.post not in POST_PLACES:
+            raise UserError(f"post: must be one of {', '.join(POST_PLACES)}, got {str(self.post)[:40]!r}")
+        if not isinstance(self.pipelined, bool):
+            raise UserError(f"pipelined: must be true or false, got {str(self.pipelined)[:40]!r}")
         if not isinstance(self.seed, int) or isinstance(self.seed, bool):
             raise UserError(f"seed: must be an integer, got {str(self.seed)[:40]!r}")
         if not isinstance(self.working_size, int) or isinstance(self.working_size, bool) or self.working_size < 0:
@@ -182,11 +208,85 @@ def image_to_tensor(image: np.ndarray) -> torch.Tensor:
     return torch.from_numpy(np.ascontiguousarray(image)).permute(2, 0, 1)[None].float() / 255.0
 
 
+def upload_uint8(frames: Sequence[np.ndarray], device: torch.device) -> torch.Tensor:
+    """HxWx3 uint8 frames -> one (n, H, W, 3) uint8 tensor on `device` (through pinned memory on CUDA, without
+    waiting for the copy: the caching host allocator keeps the pinned buffer until the copy is done)."""
+    stacked = torch.from_numpy(np.stack(frames))
+    if device.type != "cuda":
+        return stacked.to(device)
+    return stacked.pin_memory().to(device, non_blocking=True)
+
+
+@dataclass
+class Batch:
+    """The frames of one model call on their way through the stages; each stage fills in its fields."""
+
+    frames: list[Frame]                      # the source frames, RGB uint8, in clip order
+    code: StyleCode                          # their style
+    small: list[np.ndarray] | None = None    # prepare: the working-size copies, on the host
+    work: torch.Tensor | None = None         # prepare: the same as one (n, h, w, 3) uint8 tensor on the device
+    full: torch.Tensor | None = None         # prepare, device post only: the frames, (n, H, W, 3) uint8 on the device
+    motions: list[FrameMotion | None] | None = None   # motion: per frame (None without smoothing)
+    stylized: torch.Tensor | None = None     # model: (n, 3, h, w) float in [0, 1] on the device
+    output: torch.Tensor | None = None       # device post: (n, H, W, 3) uint8 on the device
+    images: list[np.ndarray] | None = None   # post (host) or download: the stylized frames, RGB uint8 on the host
+
+
+class HostPostprocessor:
+    """The post stage with OpenCV on the host: the model's float frames -> stylized RGB uint8 frames of the source
+    size (guided upsampling, colour preservation, the output smoother, rounding), one frame at a time, in order.
+
+    The same call as pipeline/device_post.py's DevicePostprocessor, with the frames on the host: the smoother's state
+    lives here, so one instance serves one clip (or chunk) from its first frame on.
+    """
+
+    on_device = False  # takes the working-size and source frames as host arrays, returns host frames
+
+    def __init__(self, config: StylizerConfig):
+        self.config = config
+        smooth = config.temporal_enabled and config.temporal.strength > 0
+        self.smoother = OutputSmoother(config.temporal) if smooth else None
+        self.smoothing_seconds = 0.0
+
+    def reset(self) -> None:
+        if self.smoother is not None:
+            self.smoother.reset()
+
+    def __call__(self, stylized: torch.Tensor, small: Sequence[np.ndarray], full: Sequence[np.ndarray],
+                 motions: Sequence[FrameMotion | None]) -> list[np.ndarray]:
+        """(n, 3, h, w) float in [0, 1] on any device, the n working-size and source frames -> n RGB uint8 frames."""
+        images = stylized.permute(0, 2, 3, 1).float().cpu().numpy()
+        out = []
+        for frame, low, image, motion in zip(full, small, images, motions):
+            image = to_source_size(image, low, frame, self.config.guide_radius, self.config.guide_eps)
+            if self.config.preserve_color:
+                image = preserve_colors(torch.from_numpy(np.ascontiguousarray(image)).permute(2, 0, 1)[None],
+                                        image_to_tensor(frame))[0].permute(1, 2, 0).numpy()
+            if self.smoother is not None:
+                started = time.perf_counter()
+                image = self.smoother.step(frame, image, motion=motion)
+                self.smoothing_seconds += time.perf_counter() - started
+            out.append(np.clip(np.rint(image * 255.0), 0, 255).astype(np.uint8))
+        return out
+
+
+def make_postprocessor(config: StylizerConfig, frame_shape: tuple[int, int], work_shape: tuple[int, int],
+                       device: torch.device):
+    """The post stage `config.post` asks for: on the model's device, or on the host (auto: the device on CUDA)."""
+    place = config.post if config.post != "auto" else ("device" if device.type == "cuda" else "host")
+    if place == "host":
+        return HostPostprocessor(config)
+    from pipeline.device_post import DevicePostprocessor
+    return DevicePostprocessor(config, frame_shape, work_shape, device)
+
+
 class ClipStylizer:
     """Stylizes the frames of one clip (or one chunk of it), in order, with the clip's style computed once.
 
     >>> stylizer = ClipStylizer(model, style_rgb, frame_shape=(272, 640), config=StylizerConfig(working_size=256))
     >>> outputs = stylizer(list_of_rgb_uint8_frames)      # as many frames out as in, same size
+    >>> for frame in stylizer.stylize_stream(frames):      # pipeline.source Frames in clip order, as they come
+    ...     sink.write(frame)
 
     With a schedule, frames need their clip index: a chunk passes `start_frame`, or `indices` per call.
 
@@ -232,12 +332,17 @@ class ClipStylizer:
         smooth = self.config.temporal_enabled and self.config.temporal.strength > 0
         self.motion = MotionEstimator(self.config.temporal) if smooth else None
         self.token_smoother = TokenSmoother(self.config.temporal) if smooth and self.config.token_smoothing else None
-        self.output_smoother = OutputSmoother(self.config.temporal) if smooth else None
-        self.smoothing_seconds = 0.0  # time spent in flow and smoothing (benchmarks report it as the smoothing cost)
+        self.post = make_postprocessor(self.config, self.frame_shape, self.work_shape, self.device)
+        self.motion_seconds = self.token_seconds = 0.0  # written by the motion and model stages
+
+    @property
+    def smoothing_seconds(self) -> float:
+        """Time spent in flow and smoothing (benchmarks report it as the smoothing cost)."""
+        return self.motion_seconds + self.token_seconds + getattr(self.post, "smoothing_seconds", 0.0)
 
     def reset(self) -> None:
         """Forget the temporal state (a new shot or a new chunk)."""
-        for part in (self.motion, self.token_smoother, self.output_smoother):
+        for part in (self.motion, self.token_smoother, self.post):
             if part is not None:
                 part.reset()
 
@@ -255,67 +360,104 @@ class ClipStylizer:
             indices = list(range(self.next_index, self.next_index + len(frames)))
         elif len(indices) != len(frames):
             raise ValueError(f"{len(frames)} frames but {len(indices)} indices")
-        if indices:
-            self.next_index = indices[-1] + 1
-        self._check_sizes(frames)
-        if self.config.strength == 0:
-            return [f.copy() for f in frames]  # strength 0 is the content itself
-        out, batch, code = [], [], None
-        for frame, index in zip(frames, indices):
-            frame_code = self.code_at(index)
+        return [f.image for f in self.stylize_stream(Frame(i, i, image) for i, image in zip(indices, frames))]
+
+    def stylize_frames(self, frames: Sequence[Frame]) -> list[Frame]:
+        """Source Frames in clip order -> stylized Frames with the same index, pts and alpha."""
+        return list(self.stylize_stream(frames))
+
+    def stylize_stream(self, frames: Iterable[Frame]) -> Iterator[Frame]:
+        """Source Frames in clip order, as they come -> stylized Frames (same index, pts and alpha), in order.
+
+        The frames go through the stages a batch at a time (`config.batch_size`; a schedule's keyframe starts a
+        new batch), pipelined or serial as the config says. Close the iterator (or read it to the end) to stop
+        the stage threads; leaving early stops them too.
+        """
+        if self.config.strength == 0:  # strength 0 is the content itself
+            for frame in frames:
+                self._check_size(frame.image)
+                self.next_index = frame.index + 1
+                yield replace(frame, image=frame.image.copy())
+            return
+        for batch in run_stages(self._batches(frames), self.stages(), self.config.pipelined):
+            yield from (replace(frame, image=image) for frame, image in zip(batch.frames, batch.images))
+
+    def stages(self) -> list:
+        """The stages a batch goes through, in order (each is `Batch -> Batch`)."""
+        motion = [self.estimate_motion] if self.motion is not None else []
+        download = [self.download] if self.post.on_device else []
+        return [self.prepare, *motion, self.run_model, self.postprocess, *download]
+
+    def _batches(self, frames: Iterable[Frame]) -> Iterator[Batch]:
+        """Frames grouped into model calls: `batch_size` at most, one style code each."""
+        batch: list[Frame] = []
+        code = None
+        for frame in frames:
+            self._check_size(frame.image)
+            self.next_index = frame.index + 1
+            frame_code = self.code_at(frame.index)
             if batch and (len(batch) == self.config.batch_size or frame_code is not code):
-                out.extend(self._batch(batch, code))
+                yield Batch(batch, code)
                 batch = []
             batch.append(frame)
             code = frame_code
         if batch:
-            out.extend(self._batch(batch, code))
-        return out
+            yield Batch(batch, code)
 
-    def stylize_frames(self, frames: Sequence[Frame]) -> list[Frame]:
-        """Source Frames in clip order -> stylized Frames with the same index, pts and alpha."""
-        images = self([f.image for f in frames], [f.index for f in frames])
-        return [replace(frame, image=image) for frame, image in zip(frames, images)]
+    def _check_size(self, image: np.ndarray) -> None:
+        if image.shape[:2] != self.frame_shape:
+            raise UserError(f"frame size changed mid-clip: {image.shape[1]}x{image.shape[0]}, "
+                            f"expected {self.frame_shape[1]}x{self.frame_shape[0]}")
 
-    def _check_sizes(self, frames: list[np.ndarray]) -> None:
-        for f in frames:
-            if f.shape[:2] != self.frame_shape:
-                raise UserError(f"frame size changed mid-clip: {f.shape[1]}x{f.shape[0]}, "
-                                f"expected {self.frame_shape[1]}x{self.frame_shape[0]}")
+    # --- the stages, in order ------------------------------------------------------------------------------
 
-    def _batch(self, frames: list[np.ndarray], code: StyleCode) -> list[np.ndarray]:
-        h, w = self.work_shape
-        small = [to_working_size(f, (h, w)) for f in frames]
-        x = torch.cat([image_to_tensor(f) for f in small]).to(self.device)
+    def prepare(self, batch: Batch) -> Batch:
+        batch.small = [to_working_size(f.image, self.work_shape) for f in batch.frames]
+        batch.work = upload_uint8(batch.small, self.device)
+        if self.post.on_device:
+            batch.full = upload_uint8([f.image for f in batch.frames], self.device)
+        return batch
+
+    def estimate_motion(self, batch: Batch) -> Batch:
+        started = time.perf_counter()
+        batch.motions = [self.motion.step(f.image) for f in batch.frames]
+        self.motion_seconds += time.perf_counter() - started
+        return batch
+
+    def run_model(self, batch: Batch) -> Batch:
+        n = len(batch.frames)
+        motions = batch.motions or [None] * n
+        x = batch.work.permute(0, 3, 1, 2).contiguous().float() / 255.0
         # With pad_batches every model call sees a full batch (short batches padded with the last frame, outputs
         # dropped): CPU kernels round differently for different batch sizes (~1e-6), and chunk boundaries or
         # schedule keyframes must not change a frame's bits. Without it a short batch costs only its frames.
-        n = len(small)
         missing = self.config.batch_size - n if self.config.pad_batches else 0
         x_full = torch.cat([x, x[-1:].expand(missing, -1, -1, -1)]) if missing > 0 else x
         x_pad, _ = pad_to_multiple(x_full, self.model.cfg.patch_size)
         with torch.no_grad():
-            tokens, identity = self.model.stylize_tokens(x_pad, code, self.config.strength)
-            t = time.perf_counter()
-            motions = [self.motion.step(f) for f in frames] if self.motion is not None else [None] * len(frames)
+            tokens, identity = self.model.stylize_tokens(x_pad, batch.code, self.config.strength)
             if self.token_smoother is not None:
+                started = time.perf_counter()
                 grids = tokens.permute(0, 3, 1, 2)
-                smoothed = [self.token_smoother.step(f, grids[i:i + 1], motion=m)
-                            for i, (f, m) in enumerate(zip(small, motions))]
+                smoothed = [self.token_smoother.step(low, grids[i:i + 1], motion=m)
+                            for i, (low, m) in enumerate(zip(batch.small, motions))]
                 tokens = torch.cat(smoothed + [grids[n:]]).permute(0, 2, 3, 1)
-            if self.motion is not None:
-                self.smoothing_seconds += time.perf_counter() - t
-            images = self.model.decode_stylized(tokens, identity, x_full, self.config.strength)[:n].clamp(0, 1)
-        images = images.permute(0, 2, 3, 1).float().cpu().numpy()
-        out = []
-        for full, low, stylized, m in zip(frames, small, images, motions):
-            stylized = to_source_size(stylized, low, full, self.config.guide_radius, self.config.guide_eps)
-            if self.config.preserve_color:
-                stylized = preserve_colors(torch.from_numpy(np.ascontiguousarray(stylized)).permute(2, 0, 1)[None],
-                                           image_to_tensor(full))[0].permute(1, 2, 0).numpy()
-            if self.output_smoother is not None:
-                t = time.perf_counter()
-                stylized = self.output_smoother.step(full, stylized, motion=m)
-                self.smoothing_seconds += time.perf_counter() - t
-            out.append(np.clip(np.rint(stylized * 255.0), 0, 255).astype(np.uint8))
-        return out
+                self.token_seconds += time.perf_counter() - started
+            batch.stylized = self.model.decode_stylized(tokens, identity, x_full, self.config.strength)[:n].clamp(0, 1)
+        return batch
+
+    def postprocess(self, batch: Batch) -> Batch:
+        motions = batch.motions or [None] * len(batch.frames)
+        with torch.no_grad():
+            if self.post.on_device:
+                batch.output = self.post(batch.stylized, batch.work, batch.full, motions)
+            else:
+                batch.images = self.post(batch.stylized, batch.small, [f.image for f in batch.frames], motions)
+        batch.stylized = batch.work = batch.full = None  # device memory goes back as soon as it can
+        return batch
+
+    def download(self, batch: Batch) -> Batch:
+        from pipeline.device_post import download_uint8
+        batch.images = download_uint8(batch.output)
+        batch.output = None
+        return batch

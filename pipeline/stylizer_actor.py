@@ -17,7 +17,7 @@ from models.errors import UserError
 from pipeline.batch_worker import ChunkDone, ChunkRenderer, ChunkTask, FaultPlan
 from pipeline.chunks import Chunk, ChunkStylizer
 from pipeline.source import Frame
-from pipeline.stylizer import StylizerConfig
+from pipeline.stylizer import STAGE_THREADS, StylizerConfig
 
 
 class StylizerActor:
@@ -39,15 +39,18 @@ class StylizerActor:
         return dataclasses.replace(self.renderer.render(task), node=self.ready()[:8])
 
 
-def stylizer_pool(device: str, workers: int | None, threads: int | None = None,
-                  most: int | None = None) -> tuple[int, dict, str, int | None]:
-    """(actor count, the resources each asks Ray for, its torch device, its torch threads) for this cluster.
+def stylizer_pool(device: str, workers: int | None, threads: int | None = None, most: int | None = None,
+                  resources: dict | None = None) -> tuple[int, dict, str, int | None]:
+    """(actor count, the resources each asks Ray for, its torch device, its torch threads) for this cluster
+    (`resources`: what it holds, default `ray.cluster_resources()`).
 
-    One actor per GPU; without GPUs one per `threads` CPUs (None: one per 2 CPUs, each with the CPUs there are
-    per actor). `workers` overrides the count, `most` caps it (an actor without work only loads a model).
-    Resources may be fractional: every actor must be schedulable, or the work sent to it would wait forever.
+    One actor per GPU, asking for a CPU per stage thread of its pipelined stylizer (STAGE_THREADS: decoding,
+    resizing, flow and post-processing keep the host busy beside the GPU); without GPUs one per `threads` CPUs
+    (None: one per 2 CPUs, each with the CPUs there are per actor), whose torch threads and stages share them.
+    `workers` overrides the count, `most` caps it (an actor without work only loads a model). Resources may be
+    fractional: every actor must be schedulable, or the work sent to it would wait forever.
     """
-    resources = ray.cluster_resources()
+    resources = ray.cluster_resources() if resources is None else resources
     gpus, cpus = int(resources.get("GPU", 0)), max(1, int(resources.get("CPU", 1)))
     if workers is not None and workers < 1:
         raise UserError(f"--workers: must be >= 1, got {workers}")
@@ -56,7 +59,8 @@ def stylizer_pool(device: str, workers: int | None, threads: int | None = None,
     if gpus and device != "cpu":
         count = workers or gpus
         count = min(count, most or count)
-        return count, {"num_gpus": min(1.0, gpus / count), "num_cpus": 1}, device, threads
+        return count, {"num_gpus": min(1.0, gpus / count), "num_cpus": min(float(STAGE_THREADS), cpus / count)}, \
+            device, threads
     count = workers or max(1, cpus // (threads or 2))
     count = min(count, most or count)
     threads = threads or max(1, cpus // count)
