@@ -21,13 +21,23 @@ Backends:
 
 `selective_scan(..., backend="auto")` picks one. The MSTD style cache also uses `scan_states` (the whole
 state sequence h_t, for reuse across frames) and `read_out_states` (y_t = ⟨C_t, h_t⟩ + D u_t).
+
+Memory layout of the chunked scan (CPU speed, no effect on the maths):
+- A state h holds a group's c channels innermost, (…, G, N, c). Every elementwise pass then runs along rows of
+  c contiguous channels, and the readout y_t = C_tᵀ h_t is a row vector times an (N, c) matrix per group,
+  which BLAS does ~7× faster than the (c, N) matrix times an N-vector (the time of the 1 GiB-per-layer state
+  cache readout halves). `scan_states` returns that layout; `read_out_states` reads it.
+- Time-major sequences: u and Δ may be any strided (batch, D, L) views, and the scan is fastest when they are
+  views of (L, batch, D) memory, as models/mambast.py passes them; the output is always such a view.
+- A chunk's decays and states live in two buffers reused from chunk to chunk (CHUNK steps: 4 MB at D = 4096,
+  N = 16, so they stay in cache between the passes over them); fresh tensors cost page faults every chunk.
 """
 from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
 
-CHUNK = 64  # time steps per chunk: (CHUNK, batch, D, N) fp32 is ~17 MB at D=4096, N=16
+CHUNK = 16  # time steps per chunk: (CHUNK, batch, D, N) fp32 is 4 MB at D=4096, N=16
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -77,30 +87,77 @@ def _as_groups(M):
     return M.unsqueeze(1) if M.dim() == 3 else M
 
 
-def _chunk_terms(u, delta, A, B, t0, t1):
-    """Decay a_t = exp(Δ_t A) and input x_t = Δ_t u_t B_t for steps [t0, t1), laid out (T, batch, G, c, N)."""
+def _channels_innermost(A, groups):
+    """A (D, N) -> (G, N, c), the layout of the states (see the module docstring)."""
+    dim, n = A.shape
+    return A.view(groups, dim // groups, n).transpose(1, 2).contiguous()
+
+
+def _step_sizes(delta, delta_bias=None, delta_softplus=False):
+    """Δ = softplus(delta + delta_bias), the parts asked for; delta (batch, D, L), delta_bias (D,)."""
+    if delta_bias is not None:
+        delta = delta + delta_bias[:, None]
+    return F.softplus(delta) if delta_softplus else delta
+
+
+def _chunk_terms(u, delta, A, B, t0, t1, out=None, delta_bias=None, delta_softplus=False):
+    """Decay a_t = exp(Δ_t A) and input x_t = Δ_t u_t B_t for steps [t0, t1), each (T, batch, G, N, c).
+
+    A comes as (G, N, c) (`_channels_innermost`); Δ is `_step_sizes(delta, delta_bias, delta_softplus)`.
+    Written into `out` = (a, x) when given: the forward passes reuse two chunk buffers, since fresh multi-MB
+    tensors for every chunk cost page faults and cache misses.
+    """
     batch, groups, c = u.shape[0], B.shape[1], u.shape[1] // B.shape[1]
     # Time-major and contiguous, so each step of the loop reads one contiguous slice (strided slices are ~15×
-    # slower; a reshape of a permuted tensor may stay a strided view, hence the explicit .contiguous()).
-    dt = delta[:, :, t0:t1].permute(2, 0, 1).contiguous().view(-1, batch, groups, c, 1)  # (T, b, G, c, 1)
-    uu = u[:, :, t0:t1].permute(2, 0, 1).contiguous().view(-1, batch, groups, c, 1)
-    Bt = B[:, :, :, t0:t1].permute(3, 0, 1, 2).contiguous().unsqueeze(3)  # (T, b, G, 1, N)
-    a = torch.exp(dt * A.view(groups, c, -1))  # (T, b, G, c, N)
-    x = (dt * uu) * Bt
+    # slower; a reshape of a permuted tensor may stay a strided view, hence the explicit .contiguous()). Only
+    # (T, batch, D) is copied, and nothing when u and Δ are time-major already.
+    dt = _step_sizes(delta[:, :, t0:t1], delta_bias, delta_softplus)
+    dt = dt.permute(2, 0, 1).contiguous().view(-1, batch, groups, 1, c)  # (T, b, G, 1, c)
+    uu = u[:, :, t0:t1].permute(2, 0, 1).contiguous().view(-1, batch, groups, 1, c)
+    Bt = B[:, :, :, t0:t1].permute(3, 0, 1, 2).contiguous().unsqueeze(-1)  # (T, b, G, N, 1)
+    a, x = out if out is not None else (None, None)
+    a = torch.mul(dt, A, out=a).exp_()
+    x = torch.mul(dt * uu, Bt, out=x)
     return a, x, dt, uu, Bt
 
 
 def _scan_chunk(a, x, h):
-    """h_t = a_t h_{t-1} + x_t over the chunk, one fused op per step; returns all states (T, ...)."""
-    H = torch.empty(x.shape, dtype=x.dtype, device=x.device)
+    """h_t = a_t h_{t-1} + x_t over the chunk, one fused op per step, written over x: returns x, now the states."""
     for t in range(x.shape[0]):
-        h = torch.addcmul(x[t], a[t], h, out=H[t])
-    return H
+        h = torch.addcmul(x[t], a[t], h, out=x[t])
+    return x
 
 
-def _read_out(H, Ct):
-    """y_t = ⟨C_t, h_t⟩: H (T, b, G, c, N), Ct (T, b, G, N) -> (T, b, G, c)."""
-    return torch.matmul(H, Ct.unsqueeze(-1)).squeeze(-1)
+def _scan_forward(u, delta, A, B, C, boundaries=None, delta_bias=None, delta_softplus=False, D=None):
+    """y = scan(u, Δ, A, B, C) + D u -> (batch, D, L); A (D, N), B and C grouped (b, G, N, L).
+
+    y is a view of time-major (L, batch, D) memory: each chunk's readout y_t = C_tᵀ h_t lands there as it is
+    computed. Inference passes mamba's prologue and epilogue in too (Δ = softplus(delta + delta_bias), + D u),
+    so they run chunk by chunk on cached slices instead of as four passes over (batch, D, L) tensors; under
+    autograd they stay outside, where torch differentiates them. `boundaries`, when given ((chunks, b, G, N, c)),
+    receives the state before each chunk, for the backward pass.
+    """
+    batch, dim, length = u.shape
+    groups, n = B.shape[1], A.shape[1]
+    c = dim // groups
+    A = _channels_innermost(A, groups)
+    D = None if D is None else D.view(groups, 1, c)
+    y = u.new_empty((length, batch, groups, 1, c))
+    buffers = [u.new_empty((min(CHUNK, length), batch, groups, n, c)) for _ in range(2)]
+    h = u.new_zeros((batch, groups, n, c))
+    for k, t0 in enumerate(range(0, length, CHUNK)):
+        t1 = min(t0 + CHUNK, length)
+        if boundaries is not None:
+            boundaries[k] = h
+        a, x, _, uu, _ = _chunk_terms(u, delta, A, B, t0, t1, [buf[:t1 - t0] for buf in buffers],
+                                      delta_bias, delta_softplus)
+        H = _scan_chunk(a, x, h)
+        Ct = C[:, :, :, t0:t1].permute(3, 0, 1, 2).contiguous().unsqueeze(-2)  # (T, b, G, 1, N)
+        torch.matmul(Ct, H, out=y[t0:t1])
+        if D is not None:
+            y[t0:t1].addcmul_(uu, D)
+        h = H[-1].clone()  # the buffers are overwritten by the next chunk
+    return y.view(length, batch, dim).permute(1, 2, 0)
 
 
 class _ChunkedScan(torch.autograd.Function):
@@ -110,17 +167,9 @@ class _ChunkedScan(torch.autograd.Function):
     def forward(ctx, u, delta, A, B, C):
         batch, dim, length = u.shape
         groups, n = B.shape[1], A.shape[1]
-        h = u.new_zeros((batch, groups, dim // groups, n))
-        boundaries, ys = [], []
-        for t0 in range(0, length, CHUNK):
-            t1 = min(t0 + CHUNK, length)
-            boundaries.append(h)
-            a, x, *_ = _chunk_terms(u, delta, A, B, t0, t1)
-            H = _scan_chunk(a, x, h)
-            h = H[-1].clone()
-            ys.append(_read_out(H, C[:, :, :, t0:t1].permute(3, 0, 1, 2).contiguous()))
-        y = torch.cat(ys).permute(1, 2, 3, 0).reshape(batch, dim, length)
-        ctx.save_for_backward(u, delta, A, B, C, torch.stack(boundaries))
+        boundaries = u.new_empty((-(-length // CHUNK), batch, groups, n, dim // groups))
+        y = _scan_forward(u, delta, A, B, C, boundaries)
+        ctx.save_for_backward(u, delta, A, B, C, boundaries)
         return y
 
     @staticmethod
@@ -129,57 +178,63 @@ class _ChunkedScan(torch.autograd.Function):
         batch, dim, length = u.shape
         groups, n = B.shape[1], A.shape[1]
         c = dim // groups
+        A = _channels_innermost(A, groups)  # (G, N, c)
         gu, gdelta = torch.zeros_like(u), torch.zeros_like(delta)
         gA, gB, gC = torch.zeros_like(A), torch.zeros_like(B), torch.zeros_like(C)
-        g = u.new_zeros((batch, groups, c, n))  # adjoint of h at the end of the current chunk
-        a_next = u.new_zeros((batch, groups, c, n))  # a_{t1} of the chunk after this one (0 past the end)
+        g = u.new_zeros((batch, groups, n, c))  # adjoint of h at the end of the current chunk
+        a_next = u.new_zeros((batch, groups, n, c))  # a_{t1} of the chunk after this one (0 past the end)
         gy = gy.reshape(batch, groups, c, length)
         starts = list(range(0, length, CHUNK))
         for k in reversed(range(len(starts))):
             t0, t1 = starts[k], min(starts[k] + CHUNK, length)
             a, x, dt, uu, Bt = _chunk_terms(u, delta, A, B, t0, t1)
             H = _scan_chunk(a, x, boundaries[k])
-            Ct = C[:, :, :, t0:t1].permute(3, 0, 1, 2).contiguous()  # (T, b, G, N)
-            gyt = gy[:, :, :, t0:t1].permute(3, 0, 1, 2).contiguous().unsqueeze(-1)  # (T, b, G, c, 1)
-            gH = gyt * Ct.unsqueeze(3)  # ∂L/∂h_t through y_t only
+            Ct = C[:, :, :, t0:t1].permute(3, 0, 1, 2).contiguous().unsqueeze(-1)  # (T, b, G, N, 1)
+            gyt = gy[:, :, :, t0:t1].permute(3, 0, 1, 2).contiguous().unsqueeze(3)  # (T, b, G, 1, c)
+            gH = gyt * Ct  # ∂L/∂h_t through y_t only
             # adjoint recurrence, backwards: g_t = gH_t + a_{t+1} g_{t+1}
             G_ = torch.empty(gH.shape, dtype=gH.dtype, device=gH.device)
             for t in reversed(range(t1 - t0)):
                 g = torch.addcmul(gH[t], a_next, g, out=G_[t])
                 a_next = a[t]
-            # ∂L/∂(Δ A) per (t, d, n) = g_t h_{t-1} a_t; h_{t-1} is the chunk's boundary state for t = 0
+            # ∂L/∂(Δ A) per (t, n, d) = g_t h_{t-1} a_t; h_{t-1} is the chunk's boundary state for t = 0
             ga = G_ * a
             ga[1:] *= H[:-1]
             ga[0] *= boundaries[k]
-            gA += (ga * dt).sum(dim=(0, 1)).reshape(dim, n)
+            gA += (ga * dt).sum(dim=(0, 1))
             # G_ is ∂L/∂x_t with x_t = Δ_t u_t B_t; contractions over N or c are matmuls (no full-size temporaries)
-            gx_B = torch.matmul(G_, Bt.transpose(-1, -2)).squeeze(-1)  # Σ_n g B: (T, b, G, c)
-            gdelta_t = (ga * A.view(groups, c, n)).sum(-1) + gx_B * uu.squeeze(-1)
-            gu_t = gx_B * dt.squeeze(-1)
-            gdelta[:, :, t0:t1] = gdelta_t.permute(1, 2, 3, 0).reshape(batch, dim, -1)
-            gu[:, :, t0:t1] = gu_t.permute(1, 2, 3, 0).reshape(batch, dim, -1)
-            gB[:, :, :, t0:t1] = torch.matmul((dt * uu).transpose(-1, -2), G_).squeeze(3).permute(1, 2, 3, 0)
-            gC[:, :, :, t0:t1] = torch.matmul(gyt.transpose(-1, -2), H).squeeze(3).permute(1, 2, 3, 0)
-        return gu, gdelta, gA, gB, gC
+            gx_B = torch.matmul(Bt.transpose(-1, -2), G_)  # Σ_n B g: (T, b, G, 1, c)
+            gdelta_t = (ga * A).sum(-2, keepdim=True) + gx_B * uu
+            gu_t = gx_B * dt
+            gdelta[:, :, t0:t1] = gdelta_t.permute(1, 2, 3, 4, 0).reshape(batch, dim, -1)
+            gu[:, :, t0:t1] = gu_t.permute(1, 2, 3, 4, 0).reshape(batch, dim, -1)
+            gB[:, :, :, t0:t1] = torch.matmul(G_, (dt * uu).transpose(-1, -2)).squeeze(-1).permute(1, 2, 3, 0)
+            gC[:, :, :, t0:t1] = torch.matmul(H, gyt.transpose(-1, -2)).squeeze(-1).permute(1, 2, 3, 0)
+        return gu, gdelta, gA.transpose(1, 2).reshape(dim, n), gB, gC
 
 
 def selective_scan_chunked(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=False,
                            return_last_state=False):
-    """Fast pure-PyTorch scan (fp32, differentiable); same contract as `selective_scan_ref`."""
+    """Fast pure-PyTorch scan (fp32, differentiable); same contract as `selective_scan_ref`. Any strides; the
+    output is a view of time-major (L, batch, D) memory, and the whole scan runs fastest on such views."""
     dtype_in = u.dtype
-    u, delta = u.float(), delta.float()
-    if delta_bias is not None:
-        delta = delta + delta_bias[..., None].float()
-    if delta_softplus:
-        delta = F.softplus(delta)
-    B, C = _as_groups(B.float()).contiguous(), _as_groups(C.float()).contiguous()
-    y = _ChunkedScan.apply(u.contiguous(), delta.contiguous(), A.float().contiguous(), B, C)
-    out = y if D is None else y + u * D.float()[:, None]
+    u, delta, A = u.float(), delta.float(), A.float()
+    B, C = _as_groups(B.float()), _as_groups(C.float())
+    delta_bias = None if delta_bias is None else delta_bias.float()
+    D = None if D is None else D.float()
+    inputs = [t for t in (u, delta, A, B, C, delta_bias, D) if t is not None]
+    if torch.is_grad_enabled() and any(t.requires_grad for t in inputs):
+        out = _ChunkedScan.apply(u, _step_sizes(delta, delta_bias, delta_softplus), A, B, C)
+        if D is not None:
+            out = out + u * D[:, None]
+    else:  # inference: no chunk-boundary states kept for a backward pass
+        out = _scan_forward(u, delta, A, B, C, None, delta_bias, delta_softplus, D)
     if z is not None:
         out = out * F.silu(z.float())
     out = out.to(dtype_in)
     if return_last_state:
-        return out, scan_states(u, delta, A, B)[:, -1]  # (batch, D, N)
+        last = scan_states(u, _step_sizes(delta, delta_bias, delta_softplus), A, B)[:, -1]  # (batch, G, N, c)
+        return out, last.transpose(-1, -2).reshape(u.shape[0], -1, A.shape[1])  # (batch, D, N)
     return out
 
 
@@ -189,43 +244,41 @@ def selective_scan_chunked(u, delta, A, B, C, D=None, z=None, delta_bias=None, d
 
 @torch.no_grad()
 def scan_states(u, delta, A, B):
-    """All states h_t of the recurrence as (batch, L, D, N): L-major, so a frame's readout is one matmul.
+    """All states h_t of the recurrence, (batch, L, G, N, c) (channels innermost, see the module docstring).
 
-    `delta` must already be biased and soft-plussed. B may be grouped.
+    `delta` must already be biased and soft-plussed. B may be grouped (ungrouped: G = 1). The result is a view
+    of time-major (L, batch, ...) memory (the same memory for batch 1): each chunk is scanned in place there.
     """
-    u, delta, A = u.float(), delta.float(), A.float()
+    u, delta = u.float(), delta.float()
     B = _as_groups(B.float())
     batch, dim, length = u.shape
     groups, n = B.shape[1], A.shape[1]
-    out = u.new_empty((batch, length, groups, dim // groups, n))
-    h = u.new_zeros((batch, groups, dim // groups, n))
+    A = _channels_innermost(A.float(), groups)
+    out = u.new_empty((length, batch, groups, n, dim // groups))
+    decay = u.new_empty((min(CHUNK, length), batch, groups, n, dim // groups))
+    h = u.new_zeros((batch, groups, n, dim // groups))
     for t0 in range(0, length, CHUNK):
         t1 = min(t0 + CHUNK, length)
-        a, x, *_ = _chunk_terms(u, delta, A, B, t0, t1)
-        H = _scan_chunk(a, x, h)
-        h = H[-1]
-        out[:, t0:t1] = H.transpose(0, 1)
-    return out.view(batch, length, dim, n)
+        a, x, *_ = _chunk_terms(u, delta, A, B, t0, t1, out=(decay[:t1 - t0], out[t0:t1]))
+        h = _scan_chunk(a, x, h)[-1]
+    return out.transpose(0, 1)
 
 
 def read_out_states(states, C, skip=None):
-    """y_t = ⟨C_t, h_t⟩ (+ skip): states (1 or batch, L, D, N), C (batch, G, N, L) -> (batch, D, L).
+    """y_t = C_tᵀ h_t (+ skip): states (1 or batch, L, G, N, c) from `scan_states`, C (batch, G, N, L) or
+    (batch, N, L) -> (batch, D, L), a view of time-major (L, batch, D) memory.
 
-    The states of one style serve a whole batch of frames: the batch goes into the matmul's last axis.
+    The states of one style serve a whole batch of frames: the frames are the rows of one matmul per (t, group).
     """
     C = _as_groups(C.float())
     batch, groups, n, length = C.shape
-    dim = states.shape[2]
-    c = dim // groups
     if states.shape[0] == 1:
-        S = states[0].view(length, groups, c, n)  # (L, G, c, N)
-        Cm = C.permute(3, 1, 2, 0)  # (L, G, N, batch)
-        y = torch.matmul(S, Cm)  # (L, G, c, batch)
-        y = y.permute(3, 1, 2, 0).reshape(batch, dim, length)
+        y = torch.matmul(C.permute(3, 1, 0, 2), states[0])  # (L, G, batch, N) @ (L, G, N, c) -> (L, G, batch, c)
+        y = y.transpose(1, 2)
     else:
-        S = states.view(batch, length, groups, c, n)
-        y = torch.matmul(S, C.permute(0, 3, 1, 2).unsqueeze(-1)).squeeze(-1)  # (b, L, G, c)
-        y = y.permute(0, 2, 3, 1).reshape(batch, dim, length)
+        y = torch.matmul(C.permute(0, 3, 1, 2).unsqueeze(-2), states).squeeze(-2)  # (batch, L, G, c)
+        y = y.transpose(0, 1)
+    y = y.contiguous().view(length, batch, -1).permute(1, 2, 0)  # the copy is free for one frame
     return y if skip is None else y + skip
 
 

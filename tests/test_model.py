@@ -3,7 +3,7 @@ import pytest
 import torch
 
 from models.checkpoint import model_config
-from models.mambast import MambaST, MambaSTConfig, init_weights
+from models.mambast import MambaST, MambaSTConfig, cross_merge, cross_scan, init_weights
 
 TINY = dict(d_model=32, d_state=4, expand=2, decoder_channels=[16, 8, 8], n_encoder_layers=2, n_decoder_layers=2)
 
@@ -101,6 +101,35 @@ def test_training_step_backpropagates_through_every_trained_part():
         if "skip_scale2" in name or "new_ps" in name or ("encoder" in name and "in_style_proj" in name):
             continue  # in the official checkpoints, unused by the official model too
         assert p.grad is not None and torch.isfinite(p.grad).all(), name
+
+
+@pytest.mark.parametrize("channels_last", [True, False])
+def test_cross_scan_orders_and_cross_merge_undoes_them(channels_last):
+    """Direction 0 reads tokens row-major (l = i·w + j), 1 column-major (l = j·h + i), 2 and 3 the same reversed;
+    the merge puts every direction back in row-major order and sums, so merge(scan(x)) = 4·x as tokens."""
+    B, C, h, w = 2, 3, 4, 5
+    x = torch.arange(B * C * h * w, dtype=torch.float32).view(B, C, h, w)
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    seqs = cross_scan(x)
+    assert seqs.shape == (B, 4, C, h * w)
+    for i in range(h):
+        for j in range(w):
+            token = x[:, :, i, j]
+            for k, l in ((0, i * w + j), (1, j * h + i), (2, h * w - 1 - (i * w + j)), (3, h * w - 1 - (j * h + i))):
+                assert torch.equal(seqs[:, k, :, l], token), (i, j, k)
+    merged = cross_merge(seqs, h, w)
+    assert torch.equal(merged, 4 * x.flatten(2).transpose(1, 2))  # (B, L, C)
+
+
+def test_channels_last_decoder_equals_the_plain_one():
+    model = tiny_model()
+    tokens = torch.randn(2, 5, 7, TINY["d_model"], generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        fast = model.decode_tokens(tokens)
+        plain = model.decode(tokens.permute(0, 3, 1, 2).contiguous())
+    assert fast.is_contiguous()
+    assert (fast - plain).abs().max() <= 1e-5 * max(1.0, plain.abs().max().item())
 
 
 def test_configs_build():

@@ -59,6 +59,29 @@ def test_chunked_gradients_match_reference(shape):
         assert (a - b).abs().max().item() <= 2e-5 * scale, name
 
 
+@pytest.mark.parametrize("layout", ["time_major", "expanded_batch"])
+def test_chunked_reads_any_strides(layout):
+    """The model passes time-major views ((L, batch, D) memory) and, for the MSTD projection cache, one style
+    expanded to the batch (stride 0); the result must not depend on strides, only on values."""
+    inputs = make_inputs(3, 4, 5, 6, 90, seed=2)
+    if layout == "time_major":
+        for k in ("u", "delta", "z"):
+            inputs[k] = inputs[k].permute(2, 0, 1).contiguous().permute(1, 2, 0)
+        inputs["B"] = inputs["B"].permute(3, 0, 1, 2).contiguous().permute(1, 2, 3, 0)
+    else:
+        for k in ("u", "delta", "B"):
+            inputs[k] = inputs[k][:1].expand_as(inputs[k])
+    dense = {k: v.contiguous() for k, v in inputs.items()}
+    ref = selective_scan_ref(**dense, delta_softplus=True)
+    assert (selective_scan_chunked(**inputs, delta_softplus=True) - ref).abs().max() <= 1e-5 * max(1.0, ref.abs().max())
+    grads = {k: v.detach().requires_grad_() for k, v in inputs.items()}
+    g_fast = torch.autograd.grad(selective_scan_chunked(**grads, delta_softplus=True).sum(), list(grads.values()))
+    dense = {k: v.detach().contiguous().requires_grad_() for k, v in inputs.items()}
+    g_ref = torch.autograd.grad(selective_scan_ref(**dense, delta_softplus=True).sum(), list(dense.values()))
+    for name, a, b in zip(grads, g_ref, g_fast):
+        assert (a - b).abs().max() <= 2e-5 * max(1.0, a.abs().max()), name
+
+
 def test_last_state_matches_reference():
     inputs = make_inputs(2, 4, 3, 5, 97)
     _, h_ref = selective_scan_ref(**inputs, delta_softplus=True, return_last_state=True)
@@ -76,6 +99,16 @@ def test_state_cache_readout_matches_reference():
     for i in range(3):
         ref = selective_scan_ref(inputs["u"], delta, inputs["A"], inputs["B"], Cs[i:i + 1], inputs["D"])
         assert (y[i:i + 1] - ref).abs().max() <= 1e-5
+
+
+def test_per_frame_states_readout_matches_reference():
+    """read_out_states with one state sequence per frame (batch > 1 states), grouped and ungrouped."""
+    for groups in (3, 0):
+        inputs = make_inputs(2, groups, 5, 4, 37, seed=4)
+        delta = F.softplus(inputs["delta"])
+        states = scan_states(inputs["u"], delta, inputs["A"], inputs["B"])
+        y = read_out_states(states, inputs["C"])
+        assert (y - selective_scan_ref(inputs["u"], delta, inputs["A"], inputs["B"], inputs["C"])).abs().max() <= 1e-5
 
 
 def test_backend_choice():
