@@ -1,6 +1,6 @@
-"""`mambast bench model`: ms/frame of the model's inference paths, measured in one run on this machine.
+"""`mambast bench model`: s/frame of the model's inference paths, measured in one run on this machine.
 
-Paths, each timed in its own fresh subprocess (so its peak RSS is its own):
+Paths, each timed in its own fresh process (so its peak RSS is its own), after one untimed warm-up frame:
 
 - `cached`:   our inference path: the style encoded once (`encode_style`, with the MSTD state sequence cached
               when it fits), then `stylize` per frame: content encoder + state readout + CNN decoder.
@@ -12,24 +12,52 @@ Paths, each timed in its own fresh subprocess (so its peak RSS is its own):
               reference scan and a fresh permutation per call, plus 5 VGG-19 encodes (random weights of the
               right shapes: only the cost matters here).
 
+`--baseline REV` times an earlier implementation side by side: `cached` with the model code of git revision REV
+(its models/ and configs/, extracted to a temporary folder that comes first on the child's import path), in
+`--rounds` alternating pairs of processes with today's `cached`, so that both see the same machine. Nothing of
+the old code stays in the model. On a shared machine compare the CPU seconds too (they count only this process's
+work); the wall-clock ratio is what a user sees.
+
 Ratios printed: ref_scan / cached (the fast scan's speed-up), no_cache / cached (the style cache's),
-official / cached. The last line is one JSON object.
+official / cached, baseline / cached. The last line is one JSON object.
 """
 from __future__ import annotations
 
+import io
 import json
-import multiprocessing as mp
+import os
 import platform
+import resource
+import subprocess
+import sys
+import tarfile
+import tempfile
 import time
+from pathlib import Path
 
 import torch
 
+from models.errors import UserError
+
 PATHS = ("cached", "ref_scan", "no_cache")
+REPO_ROOT = Path(__file__).resolve().parents[1]
+
+
+# ----------------------------------------------------------------------------------------------------------
+# One path in a child process
 
 
 def _peak_rss_mb() -> float:
-    from jobs.bench_pipeline import own_peak_rss_mb  # VmHWM: ru_maxrss would carry the parent's peak over exec
-    return own_peak_rss_mb()
+    """This process's peak RSS (VmHWM; jobs/bench_pipeline.py's own_peak_rss_mb explains why not ru_maxrss). Read
+    here rather than imported: a baseline child must not import the pipeline against an older models package."""
+    try:
+        with open("/proc/self/status") as status:
+            for line in status:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
 def _build_model(config: str, weights: str | None, **overrides):
@@ -43,37 +71,38 @@ def _build_model(config: str, weights: str | None, **overrides):
     return MambaST(cfg).eval()
 
 
-def _measure(path: str, config: str, weights: str | None, size: int, frames: int, threads: int, queue) -> None:
-    """Child process: time `frames` frames of one path at size×size; put a result dict on `queue`."""
-    try:
-        torch.set_num_threads(threads)
-        g = torch.Generator().manual_seed(0)
-        content = torch.rand(frames, 1, 3, size, size, generator=g)
-        style = torch.rand(1, 3, size, size, generator=g)
-        overrides = {"scan_backend": "ref", "style_cache": "projections"} if path in ("ref_scan", "official") else {}
-        model = _build_model(config, weights, **overrides)
-        grid = model.token_grid(size, size)
-        base_rss = _peak_rss_mb()
-        t0 = time.perf_counter()
-        code = model.encode_style(style, grid, seed=0) if path in ("cached", "ref_scan") else None
-        style_ms = (time.perf_counter() - t0) * 1000
-        vgg = _random_vgg() if path == "official" else None
-        times = []
-        with torch.no_grad():
-            for i in range(frames):
-                t = time.perf_counter()
-                if path in ("cached", "ref_scan"):
-                    model.stylize(content[i], code)
-                elif path == "no_cache":
-                    model(content[i], style, seed=i)
-                else:
-                    _official_forward(model, vgg, content[i], style)
-                times.append(time.perf_counter() - t)
-        queue.put({"path": path, "size": size, "frames": frames, "style_ms": round(style_ms, 1),
-                   "ms_per_frame": round(1000 * sum(times) / len(times), 1),
-                   "peak_rss_mb": round(_peak_rss_mb(), 1), "model_rss_mb": round(base_rss, 1)})
-    except Exception as e:  # report, don't hang the parent
-        queue.put({"path": path, "size": size, "error": f"{type(e).__name__}: {e}"})
+def _measure(path: str, config: str, weights: str | None, size: int, frames: int, threads: int) -> dict:
+    """Time `frames` frames of one path at size×size (after one warm-up frame) in this process."""
+    torch.set_num_threads(threads)
+    g = torch.Generator().manual_seed(0)
+    content = torch.rand(frames + 1, 1, 3, size, size, generator=g)
+    style = torch.rand(1, 3, size, size, generator=g)
+    overrides = {"scan_backend": "ref", "style_cache": "projections"} if path in ("ref_scan", "official") else {}
+    model = _build_model(config, weights, **overrides)
+    grid = model.token_grid(size, size)
+    base_rss = _peak_rss_mb()
+    t0 = time.perf_counter()
+    code = model.encode_style(style, grid, seed=0) if path in ("cached", "ref_scan") else None
+    style_ms = (time.perf_counter() - t0) * 1000
+    vgg = _random_vgg() if path == "official" else None
+    wall, cpu = [], []
+    with torch.no_grad():
+        for i in range(frames + 1):
+            t, c = time.perf_counter(), time.process_time()
+            if path in ("cached", "ref_scan"):
+                model.stylize(content[i], code)
+            elif path == "no_cache":
+                model(content[i], style, seed=i)
+            else:
+                _official_forward(model, vgg, content[i], style)
+            if i > 0:  # frame 0 warms up (allocator, oneDNN primitives)
+                wall.append(time.perf_counter() - t)
+                cpu.append(time.process_time() - c)
+    import models
+    return {"path": path, "size": size, "frames": frames, "models": str(Path(models.__file__).parent),
+            "style_ms": round(style_ms, 1),
+            "ms_per_frame": round(1000 * sum(wall) / frames, 1), "cpu_ms_per_frame": round(1000 * sum(cpu) / frames, 1),
+            "peak_rss_mb": round(_peak_rss_mb(), 1), "model_rss_mb": round(base_rss, 1)}
 
 
 def _random_vgg():
@@ -91,52 +120,138 @@ def _official_forward(model, vgg, content, style):
         vgg(img)
 
 
+def _run_child(job: dict, code_root: Path | None = None) -> dict:
+    """Run `_measure(**job)` in a fresh interpreter; with `code_root`, its `models` package comes from there."""
+    paths = [str(code_root)] if code_root else []
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(paths + [str(REPO_ROOT), os.environ.get("PYTHONPATH", "")])}
+    # -P: no working directory on the import path ahead of PYTHONPATH, which would shadow the baseline's models
+    proc = subprocess.run([sys.executable, "-P", "-m", "jobs.bench_model", json.dumps(job)], env=env,
+                          capture_output=True, text=True)
+    lines = proc.stdout.strip().splitlines()
+    if proc.returncode != 0 or not lines:
+        error = (proc.stderr.strip().splitlines() or [f"exit status {proc.returncode}"])[-1]
+        return {"path": job["path"], "size": job["size"], "error": error[:300]}
+    return json.loads(lines[-1])
+
+
+# ----------------------------------------------------------------------------------------------------------
+# The baseline's code
+
+
+def extract_code(rev: str, into: Path) -> Path:
+    """models/ and configs/ of git revision `rev` into `into`; returns `into`. One UserError line if git fails."""
+    try:
+        proc = subprocess.run(["git", "-C", str(REPO_ROOT), "archive", "--format=tar", rev, "models", "configs"],
+                              capture_output=True)
+    except OSError as e:
+        raise UserError(f"--baseline: cannot run git ({e.strerror})") from None
+    if proc.returncode != 0:
+        detail = (proc.stderr.decode(errors="replace").strip().splitlines() or ["git archive failed"])[-1]
+        raise UserError(f"--baseline {rev[:40]!r}: {detail[:200]}")
+    with tarfile.open(fileobj=io.BytesIO(proc.stdout)) as tar:
+        tar.extractall(into, filter="data")
+    return into
+
+
+# ----------------------------------------------------------------------------------------------------------
+# The bench
+
+
+def _line(label: str, result: dict) -> str:
+    if "error" in result:
+        return f"  {result['size']}²  {label:14s} {result['error']}"
+    return (f"  {result['size']}²  {label:14s} {result['ms_per_frame'] / 1000:>8.2f} s/frame  (CPU "
+            f"{result['cpu_ms_per_frame'] / 1000:.2f} s)   peak RSS {result['peak_rss_mb']:.0f} MB")
+
+
+def _mean(results: list[dict]) -> dict:
+    """One result from the rounds of one path: the mean of each per-frame time, the largest RSS."""
+    ok = [r for r in results if "error" not in r]
+    if not ok:
+        return results[-1]
+    mean = dict(ok[0], rounds=len(ok))
+    for key in ("ms_per_frame", "cpu_ms_per_frame", "style_ms"):
+        mean[key] = round(sum(r[key] for r in ok) / len(ok), 1)
+    mean["peak_rss_mb"] = max(r["peak_rss_mb"] for r in ok)
+    return mean
+
+
 def run_model_bench(config: str, weights: str | None, sizes: list[int], frames: int, threads: int,
-                    official: bool) -> dict:
-    ctx = mp.get_context("spawn")
+                    official: bool = False, paths: tuple[str, ...] = PATHS, baseline: str | None = None,
+                    rounds: int = 1) -> dict:
+    paths = tuple(paths) + (("official",) if official else ())
     results = []
-    paths = PATHS + (("official",) if official else ())
-    for size in sizes:
-        for path in paths:
-            n = 1 if path in ("ref_scan", "official") else frames
-            q = ctx.Queue()
-            p = ctx.Process(target=_measure, args=(path, config, weights, size, n, threads, q))
-            p.start()
-            result = q.get()
-            p.join()
-            print(f"  {size}²  {path:9s} " + (f"{result['ms_per_frame']:>10.1f} ms/frame   peak RSS "
-                                                f"{result['peak_rss_mb']:.0f} MB" if "error" not in result
-                                                else result["error"]), flush=True)
-            results.append(result)
+    with tempfile.TemporaryDirectory(prefix="mambast-baseline-") as tmp:
+        code_root = extract_code(baseline, Path(tmp)) if baseline else None
+        for size in sizes:
+            def job(path):
+                n = 1 if path in ("ref_scan", "official") else frames
+                return dict(path=path, config=config, weights=weights and str(Path(weights).resolve()), size=size,
+                            frames=n, threads=threads)
+
+            if baseline:  # alternate old and new, in both orders, so that neither always runs first
+                runs = {"baseline": [], "cached": []}
+                for r in range(rounds):
+                    for label in (("baseline", "cached") if r % 2 == 0 else ("cached", "baseline")):
+                        result = _run_child(job("cached"), code_root if label == "baseline" else None)
+                        print(_line(label, result), flush=True)
+                        runs[label].append(result)
+                results += [dict(_mean(runs["cached"])), dict(_mean(runs["baseline"]), path="baseline",
+                                                                revision=baseline)]
+            for path in paths:
+                if baseline and path == "cached":
+                    continue
+                result = _run_child(job(path))
+                print(_line(path, result), flush=True)
+                results.append(result)
     summary = {"bench": "model", "config": weights or config, "threads": threads, "cpu": platform.processor()
                or platform.machine(), "torch": torch.__version__, "results": results, "ratios": {}}
     for size in sizes:
         by = {r["path"]: r for r in results if r["size"] == size and "error" not in r}
         if "cached" not in by:
             continue
-        base = by["cached"]["ms_per_frame"]
-        ratios = {f"{p}_over_cached": round(by[p]["ms_per_frame"] / base, 2) for p in by if p != "cached"}
+        base = by["cached"]
+        ratios = {f"{p}_over_cached": round(by[p]["ms_per_frame"] / base["ms_per_frame"], 2) for p in by if p != "cached"}
+        if "baseline" in by:
+            ratios["baseline_over_cached_cpu"] = round(by["baseline"]["cpu_ms_per_frame"] / base["cpu_ms_per_frame"], 2)
         summary["ratios"][str(size)] = ratios
     return summary
 
 
 def register_model_bench(bench_sub) -> None:
-    p = bench_sub.add_parser("model", help="ms/frame of the inference path vs the reference scan and no style cache")
+    p = bench_sub.add_parser("model", help="s/frame of the inference path vs the reference scan, no style cache, "
+                                           "or an earlier revision")
     p.add_argument("--config", default="official", help="model config (default: official widths, random weights)")
     p.add_argument("--weights", help="weights folder instead of random weights")
-    p.add_argument("--sizes", default="256,512", help="content sizes (square), comma-separated")
+    p.add_argument("--sizes", "--size", default="256,512", help="content sizes (square), comma-separated")
     p.add_argument("--frames", type=int, default=3, help="frames timed per fast path (1 for the slow paths)")
     p.add_argument("--threads", type=int, default=torch.get_num_threads())
+    p.add_argument("--paths", default=",".join(PATHS), help=f"paths to time, comma-separated ({', '.join(PATHS)})")
     p.add_argument("--official", action="store_true", help="also time the official inference path (slow)")
+    p.add_argument("--baseline", metavar="REV", help="also time `cached` with the model code of this git revision, "
+                                                     "alternating with today's (e.g. HEAD~3)")
+    p.add_argument("--rounds", type=int, default=2, help="alternating process pairs with --baseline (default 2)")
     p.add_argument("--json", action="store_true", help="(the JSON line is always printed last)")
     p.set_defaults(func=_run)
 
 
 def _run(args) -> int:
     sizes = [int(s) for s in str(args.sizes).split(",") if s.strip()]
-    print(f"bench model: {args.weights or args.config}, sizes {sizes}, {args.threads} threads")
-    summary = run_model_bench(args.config, args.weights, sizes, args.frames, args.threads, args.official)
+    paths = tuple(p.strip() for p in str(args.paths).split(",") if p.strip())
+    unknown = [p for p in paths if p not in PATHS]
+    if unknown:
+        raise UserError(f"--paths: unknown path {unknown[0]!r}; choose from {', '.join(PATHS)}")
+    if args.frames < 1 or args.rounds < 1:
+        raise UserError("--frames and --rounds: must be at least 1")
+    print(f"bench model: {args.weights or args.config}, sizes {sizes}, {args.threads} threads"
+          + (f", baseline {args.baseline} ({args.rounds} rounds)" if args.baseline else ""))
+    summary = run_model_bench(args.config, args.weights, sizes, args.frames, args.threads, args.official, paths,
+                              args.baseline, args.rounds)
     for size, ratios in summary["ratios"].items():
         print(f"  {size}²: " + ", ".join(f"{k} {v}×" for k, v in ratios.items()))
     print(json.dumps(summary))
     return 0
+
+
+if __name__ == "__main__":  # a child of `_run_child`: one measurement, printed as the last line
+    print(json.dumps(_measure(**json.loads(sys.argv[1]))))

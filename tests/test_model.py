@@ -148,3 +148,24 @@ def test_widths_bench_times_each_variant_in_one_run(capsys):
     report = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert list(report["variants"]) == ["32", "48:16-8-8"] and report["variants"]["32"]["ratio"] == 1.0
     assert report["variants"]["48:16-8-8"]["params_m"] != report["variants"]["32"]["params_m"]
+
+
+def test_model_bench_times_a_git_revision_side_by_side(capsys):
+    """`bench model --baseline REV`: the revision's models package in its own processes, beside today's."""
+    import json
+    import subprocess
+
+    from jobs.cli import main
+    from jobs.bench_model import REPO_ROOT
+    if subprocess.run(["git", "-C", str(REPO_ROOT), "rev-parse", "HEAD"], capture_output=True).returncode != 0:
+        pytest.skip("not a git checkout")
+    assert main(["bench", "model", "--config", "small", "--size", "32", "--frames", "1", "--threads", "1",
+                 "--paths", "cached", "--baseline", "HEAD", "--rounds", "1"]) == 0
+    report = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    by_path = {r["path"]: r for r in report["results"]}
+    assert set(by_path) == {"cached", "baseline"} and "error" not in by_path["baseline"]
+    assert by_path["cached"]["models"] == str(REPO_ROOT / "models") != by_path["baseline"]["models"]
+    assert report["ratios"]["32"]["baseline_over_cached"] > 0
+    assert main(["bench", "model", "--config", "small", "--size", "32", "--paths", "cached",
+                 "--baseline", "no-such-rev"]) == 2
+    assert capsys.readouterr().err.startswith("mambast: error: --baseline 'no-such-rev': ")
