@@ -3,7 +3,8 @@
 
     driver: check the job, open the sink (pipeline/stylize_job.open_render), plan the chunks (pipeline/chunks.py)
       │ a decoder actor              decode_chunk: one chunk's lead-in + kept Frames per call
-      │ StylizerActor pool           ChunkStylizer.stylize: one model each, loaded once; a fresh ClipStylizer per chunk
+      │ StylizerActor pool           ChunkStylizer.stylize: one model each, loaded once; a fresh ClipStylizer per chunk,
+      │                              its stages pipelined on the actor's threads (pipeline/stylizer.py)
       ▼ driver                       writes the chunks in order: FrameSink (audio, timestamps, metadata)
 
 At most `2 × stylizers` chunks are in flight (submitted and not yet written), whatever the clip length: the

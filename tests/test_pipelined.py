@@ -214,6 +214,7 @@ def test_with_the_post_on_the_device_a_batch_syncs_once(bikes, bundled):
     config = StylizerConfig(working_size=64, batch_size=4, pad_batches=True, post="device", pipelined=False)
     clip = ClipStylizer(bundled, paint, bikes[0].shape[:2], config)
     assert clip.stages() == [clip.prepare, clip.estimate_motion, clip.run_model, clip.postprocess, clip.download]
+    assert len(clip.stages()) + 1 == STAGE_THREADS  # the most a stylizer runs (+ its feeding thread): what actors ask
     clip(bikes[:2])
     with count_host_syncs() as counted:
         clip(bikes[2:10])
