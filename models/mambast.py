@@ -26,6 +26,8 @@ of time-major (L, B, C) memory, from the channels_last depthwise conv through `c
 """
 from __future__ import annotations
 
+import contextlib
+import functools
 import math
 from dataclasses import asdict, dataclass, field, fields
 
@@ -34,6 +36,9 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from models.selective_scan import read_out_states, resolve_backend, scan_states, selective_scan
+
+
+PRECISIONS = ("fp32", "bf16")
 
 
 @dataclass
@@ -50,8 +55,11 @@ class MambaSTConfig:
     scan_backend: str = "auto"  # auto | chunked | ref | cuda
     style_cache: str = "auto"   # auto | states | projections: what `encode_style` keeps per MSTD layer
     state_cache_gb: float = 4.0  # 'auto' caches the full state sequence when it fits in this budget
+    precision: str = "fp32"     # fp32 | bf16: numerics of the inference methods (see `MambaST.precision`)
 
     def __post_init__(self):
+        if self.precision not in PRECISIONS:
+            raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}, got {self.precision!r}")
         self.decoder_channels = tuple(self.decoder_channels)
         if self.dt_rank == 0:
             self.dt_rank = math.ceil(self.d_model / 16)
@@ -358,6 +366,26 @@ def resize_image(img: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
     return F.interpolate(img, size=size, mode="bilinear", align_corners=False, antialias=True)
 
 
+def _inference(method):
+    """An inference method of MambaST: no autograd, and the model's `precision` region."""
+    @functools.wraps(method)
+    def run(self, *args, **kwargs):
+        with torch.no_grad(), self.precision():
+            return method(self, *args, **kwargs)
+    return run
+
+
+@contextlib.contextmanager
+def _tf32():
+    """TF32 tensor cores for CUDA matmuls and cuDNN convolutions, restored after (torch's switches are global)."""
+    saved = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
+    try:
+        yield
+    finally:
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = saved
+
+
 class MambaST(nn.Module):
     def __init__(self, cfg: MambaSTConfig):
         super().__init__()
@@ -406,25 +434,27 @@ class MambaST(nn.Module):
         nbytes = self.cfg.n_decoder_layers * L * SS2D.K * self.cfg.d_inner * self.cfg.d_state * 4
         return nbytes <= self.cfg.state_cache_gb * 2**30
 
-    @torch.no_grad()
+    @_inference
     def encode_style(self, style: torch.Tensor, grid: tuple[int, int], seed: int = 0) -> StyleCode:
         """style (1, 3, H', W') in [0,1] -> StyleCode for content whose token grid is `grid` = (h, w)."""
         p = self.cfg.patch_size
         s = self.mamba.encoder_s(self.embedding(resize_image(style, (grid[0] * p, grid[1] * p))))
         return self.style_code_from_tokens(s, seed)
 
-    @torch.no_grad()
+    @_inference
     def style_code_from_tokens(self, tokens: torch.Tensor, seed: int = 0) -> StyleCode:
         """Build the per-layer caches from style encoder tokens (1, h, w, d); used for blends too."""
         _, h, w, d = tokens.shape
-        perms = style_permutations(self.cfg.n_decoder_layers, h * w, seed)
+        # on the tokens' device once, so that no frame copies them (a host-to-device copy per frame would also
+        # keep a strength < 1 frame out of a CUDA graph)
+        perms = [p.to(tokens.device) for p in style_permutations(self.cfg.n_decoder_layers, h * w, seed)]
         keep = self._keep_states((h, w))
         flat = tokens.reshape(1, h * w, d)
-        layers = [layer.self_attention.encode_style(flat[:, perm.to(tokens.device)].view(1, h, w, d), keep)
+        layers = [layer.self_attention.encode_style(flat[:, perm].view(1, h, w, d), keep)
                   for layer, perm in zip(self.mamba.decoder.layers, perms)]
         return StyleCode(grid=(h, w), seed=seed, tokens=tokens, perms=perms, layers=layers)
 
-    @torch.no_grad()
+    @_inference
     def stylize_tokens(self, frames: torch.Tensor, style: StyleCode,
                        strength: float = 1.0) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Padded frames (B, 3, 8h, 8w) -> (decoder tokens, identity tokens or None), each (B, h, w, d).
@@ -452,7 +482,7 @@ class MambaST(nn.Module):
         identity = self.mamba.decoder(content, own_style, [p.to(frames.device) for p in style.perms])
         return torch.lerp(identity, stylized, strength), identity
 
-    @torch.no_grad()
+    @_inference
     def decode_stylized(self, tokens: torch.Tensor, identity: torch.Tensor | None, content: torch.Tensor,
                         strength: float = 1.0) -> torch.Tensor:
         """`stylize_tokens`' output -> images (B, 3, H, W) the size of the unpadded `content`, unclamped.
@@ -464,9 +494,9 @@ class MambaST(nn.Module):
         images = self.decode_tokens(tokens)[..., :H, :W]
         if identity is not None:
             images = images + (1.0 - strength) * (content - self.decode_tokens(identity)[..., :H, :W])
-        return images
+        return images.float()  # bf16 precision: the decoder's convolutions ran in bf16
 
-    @torch.no_grad()
+    @_inference
     def stylize(self, frames: torch.Tensor, style: StyleCode, strength: float = 1.0) -> torch.Tensor:
         """frames (B, 3, H, W) in [0,1] -> stylized (B, 3, H, W), unclamped. The one inference path: pad,
         `stylize_tokens`, `decode_stylized` (pipeline/stylizer.py calls the two itself, smoothing tokens between)."""
@@ -476,6 +506,26 @@ class MambaST(nn.Module):
 
     def scan_backend(self, device=None) -> str:
         return resolve_backend(self.cfg.scan_backend, device or next(self.parameters()).device)
+
+    def precision(self, device: torch.device | str | None = None) -> contextlib.AbstractContextManager:
+        """The numerics of the inference methods, set by `cfg.precision`, as a context on `device` (default: the
+        model's). Every inference method enters it; training (`forward`) runs in whatever region its caller sets.
+
+        - 'fp32' (default): float32. On CUDA, matmuls and convolutions run on TF32 tensor cores (fp32 range and
+          accumulation, 10-bit mantissa products: ~1e-3 relative, below one level of an 8-bit frame).
+        - 'bf16': autocast to bfloat16 (meant for CUDA; CPU works too, which is how the tests run it) for the
+          linear layers, convolutions and projections. The selective scans and state readouts stay fp32
+          (models/selective_scan.py turns autocast off inside them), so the recurrence's state is never rounded.
+        Choose it like any config field: `load_model(path, device="cuda", precision="bf16")`.
+        """
+        device = torch.device(device) if device is not None else next(self.parameters()).device
+        regions = contextlib.ExitStack()
+        if device.type == "cuda":
+            regions.enter_context(_tf32())
+        if self.cfg.precision == "bf16":
+            regions.enter_context(torch.autocast(device.type, dtype=torch.bfloat16))
+        return regions
+
 
 
 # ----------------------------------------------------------------------------------------------------------

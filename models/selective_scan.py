@@ -22,6 +22,10 @@ Backends:
 `selective_scan(..., backend="auto")` picks one. The MSTD style cache also uses `scan_states` (the whole
 state sequence h_t, for reuse across frames) and `read_out_states` (y_t = ⟨C_t, h_t⟩ + D u_t).
 
+Precision: every entry point runs with autocast off (`_without_autocast`) and casts its inputs to fp32, so
+inside a caller's bf16 autocast region (models/mambast.py's precision 'bf16') the recurrence, its states and
+the readouts stay fp32: rounding h_t to 8 bits would compound over thousands of steps.
+
 Memory layout of the chunked scan (CPU speed, no effect on the maths):
 - A state h holds a group's c channels innermost, (…, G, N, c). Every elementwise pass then runs along rows of
   c contiguous channels, and the readout y_t = C_tᵀ h_t is a row vector times an (N, c) matrix per group,
@@ -34,16 +38,31 @@ Memory layout of the chunked scan (CPU speed, no effect on the maths):
 """
 from __future__ import annotations
 
+import functools
+import warnings
+
 import torch
 import torch.nn.functional as F
 
 CHUNK = 16  # time steps per chunk: (CHUNK, batch, D, N) fp32 is 4 MB at D=4096, N=16
+READOUT_CHUNK = 64  # time steps per chunk of `read_out_states`: (64, batch, D) fp32 is 1 MB a frame at D=4096
+
+
+def _without_autocast(fn):
+    """Run `fn` with autocast off on the device of its first tensor argument (see the module docstring)."""
+    @functools.wraps(fn)
+    def run(*args, **kwargs):
+        device = next(a for a in (*args, *kwargs.values()) if isinstance(a, torch.Tensor)).device
+        with torch.autocast(device.type, enabled=False):
+            return fn(*args, **kwargs)
+    return run
 
 
 # ----------------------------------------------------------------------------------------------------------
 # The oracle
 
 
+@_without_autocast
 def selective_scan_ref(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=False,
                        return_last_state=False):
     """Sequential reference scan (fp32). Shapes as in the module docstring; returns out (batch, D, L)."""
@@ -128,6 +147,19 @@ def _scan_chunk(a, x, h):
     return x
 
 
+def _read_out(C, H, out):
+    """y = C_tᵀ h_t = Σ_n C_n h_n for C (..., N) and states H (..., N, c), broadcasting; into out (..., c).
+
+    One multiply-add per n over rows of c channels, in the order n = 0..N-1: every frame's outputs come from the
+    same operations whatever the batch, so a frame's bits do not depend on how many frames share its call
+    (pipeline/chunks.py needs them not to). A batched matmul picks its kernel, hence its rounding, by the batch.
+    """
+    torch.mul(C[..., 0, None], H[..., 0, :], out=out)
+    for n in range(1, H.shape[-2]):
+        out.addcmul_(C[..., n, None], H[..., n, :])
+    return out
+
+
 def _scan_forward(u, delta, A, B, C, boundaries=None, delta_bias=None, delta_softplus=False, D=None):
     """y = scan(u, Δ, A, B, C) + D u -> (batch, D, L); A (D, N), B and C grouped (b, G, N, L).
 
@@ -141,8 +173,8 @@ def _scan_forward(u, delta, A, B, C, boundaries=None, delta_bias=None, delta_sof
     groups, n = B.shape[1], A.shape[1]
     c = dim // groups
     A = _channels_innermost(A, groups)
-    D = None if D is None else D.view(groups, 1, c)
-    y = u.new_empty((length, batch, groups, 1, c))
+    D = None if D is None else D.view(groups, c)
+    y = u.new_empty((length, batch, groups, c))
     buffers = [u.new_empty((min(CHUNK, length), batch, groups, n, c)) for _ in range(2)]
     h = u.new_zeros((batch, groups, n, c))
     for k, t0 in enumerate(range(0, length, CHUNK)):
@@ -152,10 +184,9 @@ def _scan_forward(u, delta, A, B, C, boundaries=None, delta_bias=None, delta_sof
         a, x, _, uu, _ = _chunk_terms(u, delta, A, B, t0, t1, [buf[:t1 - t0] for buf in buffers],
                                       delta_bias, delta_softplus)
         H = _scan_chunk(a, x, h)
-        Ct = C[:, :, :, t0:t1].permute(3, 0, 1, 2).contiguous().unsqueeze(-2)  # (T, b, G, 1, N)
-        torch.matmul(Ct, H, out=y[t0:t1])
+        _read_out(C[:, :, :, t0:t1].permute(3, 0, 1, 2), H, out=y[t0:t1])  # C as (T, b, G, N)
         if D is not None:
-            y[t0:t1].addcmul_(uu, D)
+            y[t0:t1].addcmul_(uu.squeeze(3), D)
         h = H[-1].clone()  # the buffers are overwritten by the next chunk
     return y.view(length, batch, dim).permute(1, 2, 0)
 
@@ -213,6 +244,7 @@ class _ChunkedScan(torch.autograd.Function):
         return gu, gdelta, gA.transpose(1, 2).reshape(dim, n), gB, gC
 
 
+@_without_autocast
 def selective_scan_chunked(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=False,
                            return_last_state=False):
     """Fast pure-PyTorch scan (fp32, differentiable); same contract as `selective_scan_ref`. Any strides; the
@@ -242,6 +274,7 @@ def selective_scan_chunked(u, delta, A, B, C, D=None, z=None, delta_bias=None, d
 # State sequences, for the MSTD style cache
 
 
+@_without_autocast
 @torch.no_grad()
 def scan_states(u, delta, A, B):
     """All states h_t of the recurrence, (batch, L, G, N, c) (channels innermost, see the module docstring).
@@ -264,28 +297,33 @@ def scan_states(u, delta, A, B):
     return out.transpose(0, 1)
 
 
+@_without_autocast
 def read_out_states(states, C, skip=None):
     """y_t = C_tᵀ h_t (+ skip): states (1 or batch, L, G, N, c) from `scan_states`, C (batch, G, N, L) or
     (batch, N, L) -> (batch, D, L), a view of time-major (L, batch, D) memory.
 
-    The states of one style serve a whole batch of frames: the frames are the rows of one matmul per (t, group).
+    One style's states serve a whole batch of frames; READOUT_CHUNK steps at a time, so that each chunk of the
+    output stays in cache while `_read_out` adds it up and the skip is added.
     """
     C = _as_groups(C.float())
     batch, groups, n, length = C.shape
-    if states.shape[0] == 1:
-        y = torch.matmul(C.permute(3, 1, 0, 2), states[0])  # (L, G, batch, N) @ (L, G, N, c) -> (L, G, batch, c)
-        y = y.transpose(1, 2)
-    else:
-        y = torch.matmul(C.permute(0, 3, 1, 2).unsqueeze(-2), states).squeeze(-2)  # (batch, L, G, c)
-        y = y.transpose(0, 1)
-    y = y.contiguous().view(length, batch, -1).permute(1, 2, 0)  # the copy is free for one frame
-    return y if skip is None else y + skip
+    c = states.shape[-1]
+    S = states.transpose(0, 1)  # (L, 1 or batch, G, N, c)
+    Ct = C.permute(3, 0, 1, 2)  # (L, batch, G, N)
+    y = C.new_empty((length, batch, groups, c))
+    for t0 in range(0, length, READOUT_CHUNK):
+        t1 = min(t0 + READOUT_CHUNK, length)
+        _read_out(Ct[t0:t1], S[t0:t1], out=y[t0:t1])
+        if skip is not None:
+            y[t0:t1] += skip[:, :, t0:t1].permute(2, 0, 1).reshape(t1 - t0, -1, groups, c)
+    return y.view(length, batch, -1).permute(1, 2, 0)
 
 
 # ----------------------------------------------------------------------------------------------------------
 # mamba-ssm's CUDA kernel, when installed
 
 
+@functools.cache
 def _mamba_ssm_scan():
     try:
         from mamba_ssm.ops.selective_scan_interface import selective_scan_fn
@@ -294,6 +332,7 @@ def _mamba_ssm_scan():
     return selective_scan_fn
 
 
+@_without_autocast
 def selective_scan_cuda(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=False,
                         return_last_state=False):
     fn = _mamba_ssm_scan()
@@ -307,12 +346,24 @@ BACKENDS = {"ref": selective_scan_ref, "chunked": selective_scan_chunked, "cuda"
 
 
 def resolve_backend(name: str, device: torch.device | str) -> str:
-    """'auto' -> 'cuda' for CUDA tensors when mamba-ssm imports, else 'chunked'."""
+    """'auto' -> 'cuda' for CUDA tensors when mamba-ssm imports, else 'chunked' (on CUDA with a warning, once)."""
     if name == "auto":
-        return "cuda" if torch.device(device).type == "cuda" and _mamba_ssm_scan() is not None else "chunked"
+        if torch.device(device).type != "cuda":
+            return "chunked"
+        if _mamba_ssm_scan() is not None:
+            return "cuda"
+        _warn_slow_cuda_scan()
+        return "chunked"
     if name not in BACKENDS:
         raise ValueError(f"unknown scan backend {name!r}; choose one of auto, {', '.join(BACKENDS)}")
     return name
+
+
+@functools.cache  # once per process
+def _warn_slow_cuda_scan() -> None:
+    warnings.warn("CUDA device, but mamba-ssm's CUDA kernel does not import: the selective scans run the "
+                  "pure-PyTorch chunked scan, many times slower on a GPU. Install it on the CUDA machine: "
+                  "pip install 'mambast-video[cuda]' --no-build-isolation", RuntimeWarning, stacklevel=3)
 
 
 def selective_scan(*args, backend: str = "auto", **kwargs):

@@ -86,6 +86,19 @@ def test_batch_equals_frame_by_frame():
     assert (batched - single).abs().max() <= 1e-6
 
 
+@pytest.mark.parametrize("cache", ["states", "projections"])
+def test_tokens_do_not_depend_on_the_batch_bit_for_bit(cache):
+    """A frame's stylized tokens are the same bits alone or in a batch of 2 or 4 (pipeline/chunks.py cuts clips
+    into batches anywhere): the readouts add up Σ_n C_n h_n per frame, not in a batched matmul."""
+    model = tiny_model(style_cache=cache)
+    content = frames(4, 24, 40)
+    code = model.encode_style(frames(1, 24, 40, seed=9), model.token_grid(24, 40), seed=0)
+    four, _ = model.stylize_tokens(content, code)
+    for size in (1, 2):
+        for i in range(0, 4, size):
+            assert torch.equal(model.stylize_tokens(content[i:i + size], code)[0], four[i:i + size]), (size, i)
+
+
 def test_style_code_grid_mismatch_is_refused():
     model = tiny_model()
     code = model.encode_style(frames(1, 16, 16), (2, 2), seed=0)
@@ -130,6 +143,40 @@ def test_channels_last_decoder_equals_the_plain_one():
         plain = model.decode(tokens.permute(0, 3, 1, 2).contiguous())
     assert fast.is_contiguous()
     assert (fast - plain).abs().max() <= 1e-5 * max(1.0, plain.abs().max().item())
+
+
+@pytest.mark.parametrize("cache", ["states", "projections"])
+def test_bf16_precision_is_close_to_fp32_and_every_scan_gets_fp32(cache, monkeypatch):
+    """precision 'bf16' (CPU autocast here, as on CUDA): linear layers and convolutions in bf16, the scans in fp32.
+    Tolerance on images in [0, 1] (std 0.33): mean |bf16 - fp32| <= 2.5/255, max <= 0.06 (measured 0.004, 0.03)."""
+    import models.mambast as mambast
+    from tiny_models import tiny_model as lively_tiny_model  # a decoder whose images are not flat
+
+    fp32 = lively_tiny_model(style_cache=cache)
+    bf16 = lively_tiny_model(style_cache=cache, precision="bf16")
+    bf16.load_state_dict(fp32.state_dict())
+    content, style = frames(2, 40, 56), frames(1, 40, 56, seed=1)
+    grid = fp32.token_grid(40, 56)
+    calls = []
+    for name in ("selective_scan", "scan_states", "read_out_states"):
+        def spy(*args, _scan=getattr(mambast, name), _name=name, **kwargs):
+            tensors = [a for a in (*args, *kwargs.values()) if isinstance(a, torch.Tensor)]
+            calls.append((_name, torch.is_autocast_enabled("cpu"), {t.dtype for t in tensors}))
+            return _scan(*args, **kwargs)
+        monkeypatch.setattr(mambast, name, spy)
+    expected = fp32.stylize(content, fp32.encode_style(style, grid, seed=2), strength=0.7)
+    calls.clear()
+    out = bf16.stylize(content, bf16.encode_style(style, grid, seed=2), strength=0.7)  # the identity pass too
+    assert out.dtype == torch.float32
+    assert (out - expected).abs().mean() <= 2.5 / 255 and (out - expected).abs().max() <= 0.06
+    assert {name for name, _, _ in calls} == ({"selective_scan", "scan_states", "read_out_states"} if cache == "states"
+                                              else {"selective_scan"})
+    assert all(autocast and dtypes == {torch.float32} for _, autocast, dtypes in calls), calls
+
+
+def test_precision_must_be_known():
+    with pytest.raises(ValueError, match="precision must be one of fp32, bf16"):
+        MambaSTConfig(precision="fp16")
 
 
 def test_configs_build():

@@ -1,8 +1,11 @@
 """Every fast scan path against the sequential oracle `selective_scan_ref`."""
+import warnings
+
 import pytest
 import torch
 import torch.nn.functional as F
 
+from models import selective_scan as scan_module
 from models.selective_scan import (read_out_states, resolve_backend, scan_states, selective_scan_chunked,
                                    selective_scan_ref)
 
@@ -116,3 +119,33 @@ def test_backend_choice():
     assert resolve_backend("ref", "cpu") == "ref"
     with pytest.raises(ValueError, match="unknown scan backend"):
         resolve_backend("fastest", "cpu")
+
+
+def test_bf16_autocast_cannot_downcast_inside_the_scans():
+    """Inside a caller's bf16 autocast region every scan entry point computes exactly what it computes outside."""
+    inputs = make_inputs(2, 4, 8, 16, 40, seed=5)
+    delta = F.softplus(inputs["delta"])
+
+    def run_all():
+        states = scan_states(inputs["u"][:1], delta[:1], inputs["A"], inputs["B"][:1])
+        return (selective_scan_chunked(**inputs, delta_softplus=True), selective_scan_ref(**inputs, delta_softplus=True),
+                states, read_out_states(states, inputs["C"]))
+
+    plain = run_all()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert torch.is_autocast_enabled("cpu")
+        autocast = run_all()
+    for name, a, b in zip(("chunked", "ref", "scan_states", "read_out_states"), plain, autocast):
+        assert b.dtype == torch.float32 and torch.equal(a, b), name
+
+
+def test_cuda_without_mamba_ssm_warns_once_that_the_scan_is_slow():
+    if scan_module._mamba_ssm_scan() is not None:
+        pytest.skip("mamba-ssm imports here")
+    scan_module._warn_slow_cuda_scan.cache_clear()
+    with pytest.warns(RuntimeWarning, match="pip install 'mambast-video\\[cuda\\]'"):
+        assert resolve_backend("auto", "cuda") == "chunked"
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # a second warning would raise
+        assert resolve_backend("auto", torch.device("cuda", 0)) == "chunked"
+        assert resolve_backend("auto", "cpu") == "chunked"
