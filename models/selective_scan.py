@@ -45,7 +45,7 @@ import torch
 import torch.nn.functional as F
 
 CHUNK = 16  # time steps per chunk: (CHUNK, batch, D, N) fp32 is 4 MB at D=4096, N=16
-READOUT_CHUNK = 64  # time steps per chunk of `read_out_states`: (64, batch, D) fp32 is 1 MB a frame at D=4096
+READOUT_CHUNK = 64  # time steps per chunk of `read_out_states`: 64 states are 17 MB at D=4096, N=16
 
 
 def _without_autocast(fn):
@@ -148,16 +148,9 @@ def _scan_chunk(a, x, h):
 
 
 def _read_out(C, H, out):
-    """y = C_tᵀ h_t = Σ_n C_n h_n for C (..., N) and states H (..., N, c), broadcasting; into out (..., c).
-
-    One multiply-add per n over rows of c channels, in the order n = 0..N-1: every frame's outputs come from the
-    same operations whatever the batch, so a frame's bits do not depend on how many frames share its call
-    (pipeline/chunks.py needs them not to). A batched matmul picks its kernel, hence its rounding, by the batch.
-    """
-    torch.mul(C[..., 0, None], H[..., 0, :], out=out)
-    for n in range(1, H.shape[-2]):
-        out.addcmul_(C[..., n, None], H[..., n, :])
-    return out
+    """y = C_tᵀ h_t for C (..., N) and states H (..., N, c), into out (..., c): a batched matmul of (1 × N)(N × c)
+    products, one per frame, step and group, so each frame's outputs come from products of its own."""
+    return torch.matmul(C.unsqueeze(-2), H, out=out.unsqueeze(-2))
 
 
 def _scan_forward(u, delta, A, B, C, boundaries=None, delta_bias=None, delta_softplus=False, D=None):
@@ -302,21 +295,22 @@ def read_out_states(states, C, skip=None):
     """y_t = C_tᵀ h_t (+ skip): states (1 or batch, L, G, N, c) from `scan_states`, C (batch, G, N, L) or
     (batch, N, L) -> (batch, D, L), a view of time-major (L, batch, D) memory.
 
-    One style's states serve a whole batch of frames; READOUT_CHUNK steps at a time, so that each chunk of the
-    output stays in cache while `_read_out` adds it up and the skip is added.
+    One style's states serve a whole batch of frames: READOUT_CHUNK steps at a time (the chunk stays in cache
+    while every frame reads it), one matmul per frame. Never the frames as the rows of one product: a matmul picks
+    its kernel, hence its rounding, by its number of rows, and a frame's bits must not depend on how many frames
+    share its call (pipeline/chunks.py cuts clips into batches anywhere).
     """
     C = _as_groups(C.float())
     batch, groups, n, length = C.shape
-    c = states.shape[-1]
     S = states.transpose(0, 1)  # (L, 1 or batch, G, N, c)
     Ct = C.permute(3, 0, 1, 2)  # (L, batch, G, N)
-    y = C.new_empty((length, batch, groups, c))
+    y = C.new_empty((length, batch, groups, states.shape[-1]))
     for t0 in range(0, length, READOUT_CHUNK):
         t1 = min(t0 + READOUT_CHUNK, length)
-        _read_out(Ct[t0:t1], S[t0:t1], out=y[t0:t1])
-        if skip is not None:
-            y[t0:t1] += skip[:, :, t0:t1].permute(2, 0, 1).reshape(t1 - t0, -1, groups, c)
-    return y.view(length, batch, -1).permute(1, 2, 0)
+        for i in range(batch):
+            _read_out(Ct[t0:t1, i], S[t0:t1, i if S.shape[1] > 1 else 0], out=y[t0:t1, i])
+    y = y.view(length, batch, -1).permute(1, 2, 0)
+    return y if skip is None else y + skip
 
 
 # ----------------------------------------------------------------------------------------------------------

@@ -97,11 +97,11 @@ def test_state_cache_readout_matches_reference():
     inputs = make_inputs(1, 4, 6, 16, 140)
     delta = F.softplus(inputs["delta"] + inputs["delta_bias"][:, None])
     states = scan_states(inputs["u"], delta, inputs["A"], inputs["B"])
-    Cs = torch.randn(3, *inputs["C"].shape[1:])
+    Cs = torch.randn(3, *inputs["C"].shape[1:], generator=torch.Generator().manual_seed(1))
     y = read_out_states(states, Cs, skip=inputs["u"] * inputs["D"][:, None])
     for i in range(3):
         ref = selective_scan_ref(inputs["u"], delta, inputs["A"], inputs["B"], Cs[i:i + 1], inputs["D"])
-        assert (y[i:i + 1] - ref).abs().max() <= 1e-5
+        assert (y[i:i + 1] - ref).abs().max() <= 1e-5 * max(1.0, ref.abs().max().item())
 
 
 def test_per_frame_states_readout_matches_reference():
