@@ -119,21 +119,26 @@ def _step_sizes(delta, delta_bias=None, delta_softplus=False):
     return F.softplus(delta) if delta_softplus else delta
 
 
+def _time_major(M):
+    """B or C (batch, G, N, L) -> (L, batch, G, N), contiguous: a chunk of steps is then a plain slice."""
+    return M.permute(3, 0, 1, 2).contiguous()
+
+
 def _chunk_terms(u, delta, A, B, t0, t1, out=None, delta_bias=None, delta_softplus=False):
     """Decay a_t = exp(Δ_t A) and input x_t = Δ_t u_t B_t for steps [t0, t1), each (T, batch, G, N, c).
 
-    A comes as (G, N, c) (`_channels_innermost`); Δ is `_step_sizes(delta, delta_bias, delta_softplus)`.
-    Written into `out` = (a, x) when given: the forward passes reuse two chunk buffers, since fresh multi-MB
-    tensors for every chunk cost page faults and cache misses.
+    A comes as (G, N, c) (`_channels_innermost`), B time-major (`_time_major`); Δ is `_step_sizes(delta,
+    delta_bias, delta_softplus)`. Written into `out` = (a, x) when given: the forward passes reuse two chunk
+    buffers, since fresh multi-MB tensors for every chunk cost page faults and cache misses.
     """
-    batch, groups, c = u.shape[0], B.shape[1], u.shape[1] // B.shape[1]
+    batch, groups, c = u.shape[0], B.shape[2], u.shape[1] // B.shape[2]
     # Time-major and contiguous, so each step of the loop reads one contiguous slice (strided slices are ~15×
     # slower; a reshape of a permuted tensor may stay a strided view, hence the explicit .contiguous()). Only
     # (T, batch, D) is copied, and nothing when u and Δ are time-major already.
     dt = _step_sizes(delta[:, :, t0:t1], delta_bias, delta_softplus)
     dt = dt.permute(2, 0, 1).contiguous().view(-1, batch, groups, 1, c)  # (T, b, G, 1, c)
     uu = u[:, :, t0:t1].permute(2, 0, 1).contiguous().view(-1, batch, groups, 1, c)
-    Bt = B[:, :, :, t0:t1].permute(3, 0, 1, 2).contiguous().unsqueeze(-1)  # (T, b, G, N, 1)
+    Bt = B[t0:t1].unsqueeze(-1)  # (T, b, G, N, 1)
     a, x = out if out is not None else (None, None)
     a = torch.mul(dt, A, out=a).exp_()
     x = torch.mul(dt * uu, Bt, out=x)
@@ -165,7 +170,7 @@ def _scan_forward(u, delta, A, B, C, boundaries=None, delta_bias=None, delta_sof
     batch, dim, length = u.shape
     groups, n = B.shape[1], A.shape[1]
     c = dim // groups
-    A = _channels_innermost(A, groups)
+    A, B, C = _channels_innermost(A, groups), _time_major(B), _time_major(C)
     D = None if D is None else D.view(groups, c)
     y = u.new_empty((length, batch, groups, c))
     buffers = [u.new_empty((min(CHUNK, length), batch, groups, n, c)) for _ in range(2)]
@@ -177,7 +182,7 @@ def _scan_forward(u, delta, A, B, C, boundaries=None, delta_bias=None, delta_sof
         a, x, _, uu, _ = _chunk_terms(u, delta, A, B, t0, t1, [buf[:t1 - t0] for buf in buffers],
                                       delta_bias, delta_softplus)
         H = _scan_chunk(a, x, h)
-        _read_out(C[:, :, :, t0:t1].permute(3, 0, 1, 2), H, out=y[t0:t1])  # C as (T, b, G, N)
+        _read_out(C[t0:t1], H, out=y[t0:t1])
         if D is not None:
             y[t0:t1].addcmul_(uu.squeeze(3), D)
         h = H[-1].clone()  # the buffers are overwritten by the next chunk
@@ -202,7 +207,7 @@ class _ChunkedScan(torch.autograd.Function):
         batch, dim, length = u.shape
         groups, n = B.shape[1], A.shape[1]
         c = dim // groups
-        A = _channels_innermost(A, groups)  # (G, N, c)
+        A, Bt_all, Ct_all = _channels_innermost(A, groups), _time_major(B), _time_major(C)
         gu, gdelta = torch.zeros_like(u), torch.zeros_like(delta)
         gA, gB, gC = torch.zeros_like(A), torch.zeros_like(B), torch.zeros_like(C)
         g = u.new_zeros((batch, groups, n, c))  # adjoint of h at the end of the current chunk
@@ -211,9 +216,9 @@ class _ChunkedScan(torch.autograd.Function):
         starts = list(range(0, length, CHUNK))
         for k in reversed(range(len(starts))):
             t0, t1 = starts[k], min(starts[k] + CHUNK, length)
-            a, x, dt, uu, Bt = _chunk_terms(u, delta, A, B, t0, t1)
+            a, x, dt, uu, Bt = _chunk_terms(u, delta, A, Bt_all, t0, t1)
             H = _scan_chunk(a, x, boundaries[k])
-            Ct = C[:, :, :, t0:t1].permute(3, 0, 1, 2).contiguous().unsqueeze(-1)  # (T, b, G, N, 1)
+            Ct = Ct_all[t0:t1].unsqueeze(-1)  # (T, b, G, N, 1)
             gyt = gy[:, :, :, t0:t1].permute(3, 0, 1, 2).contiguous().unsqueeze(3)  # (T, b, G, 1, c)
             gH = gyt * Ct  # ∂L/∂h_t through y_t only
             # adjoint recurrence, backwards: g_t = gH_t + a_{t+1} g_{t+1}
@@ -279,7 +284,7 @@ def scan_states(u, delta, A, B):
     B = _as_groups(B.float())
     batch, dim, length = u.shape
     groups, n = B.shape[1], A.shape[1]
-    A = _channels_innermost(A.float(), groups)
+    A, B = _channels_innermost(A.float(), groups), _time_major(B)
     out = u.new_empty((length, batch, groups, n, dim // groups))
     decay = u.new_empty((min(CHUNK, length), batch, groups, n, dim // groups))
     h = u.new_zeros((batch, groups, n, dim // groups))
