@@ -18,6 +18,10 @@ Paths, each timed in its own fresh process (so its peak RSS is its own), after o
 the old code stays in the model. On a shared machine compare the CPU seconds too (they count only this process's
 work); the wall-clock ratio is what a user sees.
 
+`--profile` adds CPU seconds by stage of one more `cached` frame (and of the baseline's): patch embed, content
+encoder, MSTD, CNN decoder, and inside the two Mamba stages their linear layers, depthwise convs and LayerNorms,
+the rest being the scans and their layout work (`_profile_frame`; the same split for any revision).
+
 Ratios printed: ref_scan / cached (the fast scan's speed-up), no_cache / cached (the style cache's),
 official / cached, baseline / cached. The last line is one JSON object.
 """
@@ -71,8 +75,10 @@ def _build_model(config: str, weights: str | None, **overrides):
     return MambaST(cfg).eval()
 
 
-def _measure(path: str, config: str, weights: str | None, size: int, frames: int, threads: int) -> dict:
-    """Time `frames` frames of one path at size×size (after one warm-up frame) in this process."""
+def _measure(path: str, config: str, weights: str | None, size: int, frames: int, threads: int,
+             profile: bool = False) -> dict:
+    """Time `frames` frames of one path at size×size (after one warm-up frame) in this process; with `profile`,
+    one more `cached` frame stage by stage (`_profile_frame`)."""
     torch.set_num_threads(threads)
     g = torch.Generator().manual_seed(0)
     content = torch.rand(frames + 1, 1, 3, size, size, generator=g)
@@ -99,10 +105,56 @@ def _measure(path: str, config: str, weights: str | None, size: int, frames: int
                 wall.append(time.perf_counter() - t)
                 cpu.append(time.process_time() - c)
     import models
+    stages = _profile_frame(model, content[0], code) if profile and path == "cached" else None
     return {"path": path, "size": size, "frames": frames, "models": str(Path(models.__file__).parent),
-            "style_ms": round(style_ms, 1),
+            **({"stages_cpu_ms": stages} if stages else {}), "style_ms": round(style_ms, 1),
             "ms_per_frame": round(1000 * sum(wall) / frames, 1), "cpu_ms_per_frame": round(1000 * sum(cpu) / frames, 1),
             "peak_rss_mb": round(_peak_rss_mb(), 1), "model_rss_mb": round(base_rss, 1)}
+
+
+def _profile_frame(model, frame, code) -> dict[str, float]:
+    """CPU ms of one `cached` frame by stage, through methods and module types that every revision has: the
+    stages of `MambaST.stylize_tokens` called one by one, and inside the Mamba stages the time of the linear
+    layers, convolutions and LayerNorms (forward hooks); the rest of those stages is the scans and their layout
+    work (cross-scan/merge, x/dt projections, readouts)."""
+    import torch.nn as nn
+
+    from models.mambast import pad_to_multiple
+    inner, started = {"linear layers": 0.0, "depthwise conv": 0.0, "LayerNorms": 0.0}, {}
+    kinds = {nn.Linear: "linear layers", nn.Conv2d: "depthwise conv", nn.LayerNorm: "LayerNorms"}
+    hooks = []
+    for module in model.mamba.modules():
+        kind = kinds.get(type(module))
+        if kind:
+            hooks.append(module.register_forward_pre_hook(lambda m, a: started.__setitem__(m, time.process_time())))
+            hooks.append(module.register_forward_hook(
+                lambda m, a, o, kind=kind: inner.__setitem__(kind, inner[kind] + time.process_time() - started[m])))
+    stages = {}
+
+    def stage(name, fn, *args):
+        before, t = dict(inner), time.process_time()
+        out = fn(*args)
+        stages[name] = 1000 * (time.process_time() - t)
+        if name in ("content encoder", "MSTD"):
+            for kind in inner:
+                stages[f"  {name}: {kind}"] = 1000 * (inner[kind] - before[kind])
+            stages[f"  {name}: scans + layout"] = stages[name] - sum(1000 * (inner[k] - before[k]) for k in inner)
+        return out
+
+    with torch.no_grad():
+        x, _ = pad_to_multiple(frame, model.cfg.patch_size)
+        embedded = stage("patch embed", model.embedding, x)
+        y = stage("content encoder", model.mamba.encoder_c, embedded)
+
+        def mstd(y):
+            for layer, layer_code in zip(model.mamba.decoder.layers, code.layers):
+                y = layer.forward_cached(y, layer_code)
+            return model.mamba.decoder.norm(y)
+        tokens = stage("MSTD", mstd, y)
+        stage("CNN decoder", model.decode_tokens, tokens)
+    for hook in hooks:
+        hook.remove()
+    return {k: round(v, 1) for k, v in stages.items()}
 
 
 def _random_vgg():
@@ -157,6 +209,18 @@ def extract_code(rev: str, into: Path) -> Path:
 # The bench
 
 
+def _stage_table(results: list[dict]) -> str:
+    """The `--profile` stages side by side: one column per result that has them (baseline first)."""
+    columns = [r for r in sorted(results, key=lambda r: r["path"] != "baseline") if r.get("stages_cpu_ms")]
+    if not columns:
+        return ""
+    names = list(dict.fromkeys(k for r in columns for k in r["stages_cpu_ms"]))
+    lines = [f"  {'CPU s/frame by stage':40s}" + "".join(f"{r['path']:>10s}" for r in columns)]
+    for name in names:
+        lines.append(f"  {name:40s}" + "".join(f"{r['stages_cpu_ms'].get(name, 0) / 1000:>10.2f}" for r in columns))
+    return "\n".join(lines)
+
+
 def _line(label: str, result: dict) -> str:
     if "error" in result:
         return f"  {result['size']}²  {label:14s} {result['error']}"
@@ -172,13 +236,16 @@ def _mean(results: list[dict]) -> dict:
     mean = dict(ok[0], rounds=len(ok))
     for key in ("ms_per_frame", "cpu_ms_per_frame", "style_ms"):
         mean[key] = round(sum(r[key] for r in ok) / len(ok), 1)
+    if "stages_cpu_ms" in mean:
+        mean["stages_cpu_ms"] = {k: round(sum(r["stages_cpu_ms"][k] for r in ok) / len(ok), 1)
+                                 for k in ok[0]["stages_cpu_ms"]}
     mean["peak_rss_mb"] = max(r["peak_rss_mb"] for r in ok)
     return mean
 
 
 def run_model_bench(config: str, weights: str | None, sizes: list[int], frames: int, threads: int,
                     official: bool = False, paths: tuple[str, ...] = PATHS, baseline: str | None = None,
-                    rounds: int = 1) -> dict:
+                    rounds: int = 1, profile: bool = False) -> dict:
     paths = tuple(paths) + (("official",) if official else ())
     results = []
     with tempfile.TemporaryDirectory(prefix="mambast-baseline-") as tmp:
@@ -187,7 +254,7 @@ def run_model_bench(config: str, weights: str | None, sizes: list[int], frames: 
             def job(path):
                 n = 1 if path in ("ref_scan", "official") else frames
                 return dict(path=path, config=config, weights=weights and str(Path(weights).resolve()), size=size,
-                            frames=n, threads=threads)
+                            frames=n, threads=threads, profile=profile)
 
             if baseline:  # alternate old and new, in both orders, so that neither always runs first
                 runs = {"baseline": [], "cached": []}
@@ -204,6 +271,9 @@ def run_model_bench(config: str, weights: str | None, sizes: list[int], frames: 
                 result = _run_child(job(path))
                 print(_line(path, result), flush=True)
                 results.append(result)
+    table = _stage_table(results)
+    if table:
+        print(table)
     summary = {"bench": "model", "config": weights or config, "threads": threads, "cpu": platform.processor()
                or platform.machine(), "torch": torch.__version__, "results": results, "ratios": {}}
     for size in sizes:
@@ -231,6 +301,8 @@ def register_model_bench(bench_sub) -> None:
     p.add_argument("--baseline", metavar="REV", help="also time `cached` with the model code of this git revision, "
                                                      "alternating with today's (e.g. HEAD~3)")
     p.add_argument("--rounds", type=int, default=2, help="alternating process pairs with --baseline (default 2)")
+    p.add_argument("--profile", action="store_true", help="also CPU time by stage of one more `cached` frame "
+                                                          "(and of the baseline's)")
     p.add_argument("--json", action="store_true", help="(the JSON line is always printed last)")
     p.set_defaults(func=_run)
 
@@ -246,7 +318,7 @@ def _run(args) -> int:
     print(f"bench model: {args.weights or args.config}, sizes {sizes}, {args.threads} threads"
           + (f", baseline {args.baseline} ({args.rounds} rounds)" if args.baseline else ""))
     summary = run_model_bench(args.config, args.weights, sizes, args.frames, args.threads, args.official, paths,
-                              args.baseline, args.rounds)
+                              args.baseline, args.rounds, args.profile)
     for size, ratios in summary["ratios"].items():
         print(f"  {size}²: " + ", ".join(f"{k} {v}×" for k, v in ratios.items()))
     print(json.dumps(summary))

@@ -207,12 +207,16 @@ def test_model_bench_times_a_git_revision_side_by_side(capsys):
     if subprocess.run(["git", "-C", str(REPO_ROOT), "rev-parse", "HEAD"], capture_output=True).returncode != 0:
         pytest.skip("not a git checkout")
     assert main(["bench", "model", "--config", "small", "--size", "32", "--frames", "1", "--threads", "1",
-                 "--paths", "cached", "--baseline", "HEAD", "--rounds", "1"]) == 0
+                 "--paths", "cached", "--baseline", "HEAD", "--rounds", "1", "--profile"]) == 0
     report = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     by_path = {r["path"]: r for r in report["results"]}
     assert set(by_path) == {"cached", "baseline"} and "error" not in by_path["baseline"]
     assert by_path["cached"]["models"] == str(REPO_ROOT / "models") != by_path["baseline"]["models"]
     assert report["ratios"]["32"]["baseline_over_cached"] > 0
+    for result in by_path.values():  # the stage profile: the same stages for both revisions
+        stages = result["stages_cpu_ms"]
+        assert {"patch embed", "content encoder", "MSTD", "CNN decoder", "  MSTD: scans + layout"} <= set(stages)
+        assert stages["content encoder"] >= stages["  content encoder: linear layers"] >= 0
     assert main(["bench", "model", "--config", "small", "--size", "32", "--paths", "cached",
                  "--baseline", "no-such-rev"]) == 2
     assert capsys.readouterr().err.startswith("mambast: error: --baseline 'no-such-rev': ")
