@@ -17,6 +17,7 @@ Backends:
   `addcmul` per time step over contiguous (batch, D, N) slices, so nothing of size (batch, D, L, N) exists at
   once. Its custom backward recomputes each chunk from the saved chunk-boundary states and runs the adjoint
   recurrence in reverse, so training on CPU costs O(L) vectorised steps instead of a per-slice autograd graph.
+  For inference (no autograd) it applies the bias and softplus of Δ and the D skip chunk by chunk as well.
 - `selective_scan_cuda`: mamba-ssm's CUDA kernel, used automatically for CUDA tensors when installed.
 
 `selective_scan(..., backend="auto")` picks one. The MSTD style cache also uses `scan_states` (the whole
@@ -35,6 +36,9 @@ Memory layout of the chunked scan (CPU speed, no effect on the maths):
   views of (L, batch, D) memory, as models/mambast.py passes them; the output is always such a view.
 - A chunk's decays and states live in two buffers reused from chunk to chunk (CHUNK steps: 4 MB at D = 4096,
   N = 16, so they stay in cache between the passes over them); fresh tensors cost page faults every chunk.
+
+Determinism: a frame's outputs never depend on the other frames of its batch. Every readout is a product of
+the frame's own (see `read_out_states`), and the elementwise passes treat each frame's slice alike.
 """
 from __future__ import annotations
 
