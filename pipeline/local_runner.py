@@ -8,7 +8,13 @@
                                a couple of batches queued between them
 
 Every stage works at once on its own batch or frame; `pipelined: false` runs the stylizer's stages one after another
-instead (the same frames, bit for bit).
+instead (the same frames, bit for bit). The overlap pays where cores would otherwise idle: beside a GPU, or on a
+quiet CPU. On the shared, busy 2-core development box (1080p, working size 512, smoothing on, bundled weights, 2
+torch threads, runs alternated) the pipelined runner reached 1.3-2.5x the serial fps (median 2.0), but mostly
+because its model runs on a thread of its own: libgomp, with more OpenMP threads than cores, then stops
+spin-waiting, which on a busy machine costs a serial run 4-6x the CPU it needs (7-13 s per frame instead of ~2).
+With OMP_WAIT_POLICY=PASSIVE both modes took ~2 s of CPU per frame and, the cores being taken by other work, about
+the same time (pipelined 0.8-0.9x serial).
 
 `run_local(job)` runs a `StylizeJob` in this process; pipeline/ray_clip.py runs the same job's chunks on Ray actors
 with the same ChunkStylizer and gives the same frames bit for bit. `run_preview` writes a contact sheet instead.
