@@ -3,8 +3,8 @@
     frames (RGB uint8, source size), in clip order, a batch at a time
       │ prepare   resize to the working size (aspect kept; --working-size is the short side; smaller frames are
       │           enlarged) and upload, uint8 (pinned memory, non_blocking on CUDA)
-      │ motion    MotionEstimator.step, frame by frame: DIS flow both ways + occlusion mask from the *input* frames
-      │           (pipeline/temporal.py); needs nothing from the model, so it runs ahead of it
+      │ motion    MotionEstimator.steps: DIS flow both ways + occlusion mask from the *input* frames, the batch's
+      │           frames on a thread each (pipeline/temporal.py); needs nothing from the model, so it runs ahead of it
       │ model     model.stylize_tokens                 (content encoder + MSTD readout of the cached style states;
       │                                                 strength < 1: lerp with the identity pass, models/style_controls.py)
       │           TokenSmoother, frame by frame        (optional: temporal state smoothing at token level)
@@ -40,6 +40,7 @@ Everything here is plain Python and works without Ray; pipeline/chunks.py drives
 """
 from __future__ import annotations
 
+import os
 import time
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field, replace
@@ -321,7 +322,9 @@ class ClipStylizer:
                             f"got {type(style).__name__}")
         self.next_index = start_frame  # clip index of the next frame, when `__call__` is given no indices
         smooth = self.config.temporal_enabled and self.config.temporal.strength > 0
-        self.motion = MotionEstimator(self.config.temporal) if smooth else None
+        # the batch's flows at once, a thread per frame (pipeline/temporal.py: one thread alone caps a GPU at 1080p)
+        flow_workers = min(self.config.batch_size, os.cpu_count() or 1)
+        self.motion = MotionEstimator(self.config.temporal, workers=flow_workers) if smooth else None
         self.token_smoother = TokenSmoother(self.config.temporal) if smooth and self.config.token_smoothing else None
         self.post = make_postprocessor(self.config, self.frame_shape, self.work_shape, self.device)
         self.motion_seconds = self.token_seconds = 0.0  # written by the motion and model stages
@@ -411,7 +414,7 @@ class ClipStylizer:
 
     def estimate_motion(self, batch: Batch) -> Batch:
         started = time.perf_counter()
-        batch.motions = [self.motion.step(f.image) for f in batch.frames]
+        batch.motions = self.motion.steps([f.image for f in batch.frames])
         self.motion_seconds += time.perf_counter() - started
         return batch
 

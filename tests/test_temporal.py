@@ -201,6 +201,20 @@ def test_cut_resets_state(bikes, vtest):
     assert not torch.equal(smoothed[5], tokens[5])
 
 
+def test_motion_of_several_frames_at_once_equals_frame_by_frame(bikes, vtest):
+    """`steps` computes a batch's flows on several threads: the same motions as `step` frame by frame, across a cut
+    (frame 6) and across calls (each call's first frame pairs with the previous call's last)."""
+    content = vtest[:6] + [cv2.resize(f, (160, 120)) for f in bikes[:5]]
+    one_by_one = MotionEstimator(TemporalConfig())
+    expected = [one_by_one.step(c) for c in content]
+    threaded = MotionEstimator(TemporalConfig(), workers=4)
+    got = [m for first in range(0, len(content), 4) for m in threaded.steps(content[first:first + 4])]
+    assert [m.shot_start for m in got] == [m.shot_start for m in expected] == [True] + [False] * 5 + [True] + [False] * 4
+    for a, b in zip(got, expected):
+        if not a.shot_start:
+            assert np.array_equal(a.flow, b.flow) and np.array_equal(a.valid, b.valid)
+
+
 def run_smoothers(content, styled, tokens, config, start, stop, lead_in):
     """Frames start..stop-1 from a fresh smoother pair that starts `lead_in` frames early (shared motion)."""
     motion, token_smoother, output_smoother = MotionEstimator(config), TokenSmoother(config), OutputSmoother(config)
