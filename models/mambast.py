@@ -35,6 +35,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from models.mstd_readout import mstd_readout, resolve_readout_backend
 from models.selective_scan import read_out_states, resolve_backend, scan_states, selective_scan
 
 
@@ -140,8 +141,9 @@ class StyleLayerCode:
     """What one MSTD layer needs of the style, computed once per clip.
 
     Either the full state sequence (`states`, (1, L, K, N, d_inner) from `scan_states`, plus the D-skip `skip`),
-    or the style-side scan inputs (`u`, `delta` already biased and soft-plussed, `B`) when the states would not
-    fit the budget.
+    or the style-side scan inputs (`u`, `delta` already biased and soft-plussed, `B`), which models/mstd_readout.py
+    scans once per batch of frames and reads out for every frame: on CUDA with triton (its fused kernel keeps the
+    states in registers), or when the states would not fit the budget.
     """
     skip: torch.Tensor                       # D ⊙ s, (1, K·d_inner, L)
     states: torch.Tensor | None = None
@@ -239,9 +241,8 @@ class SS2D(nn.Module):
         if code.states is not None:
             y = read_out_states(code.states, Cs, skip=code.skip)
         else:
-            y = selective_scan(code.u.expand(B, -1, -1), code.delta.expand(B, -1, -1),
-                               -torch.exp(self.A_logs.float()), code.B.expand(B, -1, -1, -1), Cs,
-                               backend=self.cfg.scan_backend) + code.skip
+            y = mstd_readout(code.u, code.delta, -torch.exp(self.A_logs.float()), code.B, Cs, skip=code.skip,
+                             backend="ref" if self.cfg.scan_backend == "ref" else "auto")
         return self._finish(y.to(u.dtype), z, h, w)
 
 
@@ -427,9 +428,13 @@ class MambaST(nn.Module):
         p = self.cfg.patch_size
         return (max(-(-height // p), 2), max(-(-width // p), 2))
 
-    def _keep_states(self, grid) -> bool:
+    def _keep_states(self, grid, device) -> bool:
+        """'auto': no state cache on CUDA with triton (the fused readout recomputes the states in registers, at
+        any size); elsewhere the cache when it fits the budget (on CPU its readout beats rescanning per batch)."""
         if self.cfg.style_cache != "auto":
             return self.cfg.style_cache == "states"
+        if resolve_readout_backend("auto", device) == "triton":
+            return False
         L = grid[0] * grid[1]
         nbytes = self.cfg.n_decoder_layers * L * SS2D.K * self.cfg.d_inner * self.cfg.d_state * 4
         return nbytes <= self.cfg.state_cache_gb * 2**30
@@ -448,7 +453,7 @@ class MambaST(nn.Module):
         # on the tokens' device once, so that no frame copies them (a host-to-device copy per frame would also
         # keep a strength < 1 frame out of a CUDA graph)
         perms = [p.to(tokens.device) for p in style_permutations(self.cfg.n_decoder_layers, h * w, seed)]
-        keep = self._keep_states((h, w))
+        keep = self._keep_states((h, w), tokens.device)
         flat = tokens.reshape(1, h * w, d)
         layers = [layer.self_attention.encode_style(flat[:, perm].view(1, h, w, d), keep)
                   for layer, perm in zip(self.mamba.decoder.layers, perms)]

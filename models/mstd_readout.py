@@ -49,7 +49,7 @@ import os
 
 import torch
 
-from models.selective_scan import selective_scan_ref
+from models.selective_scan import selective_scan_ref, without_autocast
 
 CHUNK = 16  # time steps per chunk of `mstd_readout_chunked`: (CHUNK, Dch, N) fp32 is 4 MB at Dch=4096, N=16
 FRAME_TILE = 4  # frames read out together: one matmul (torch) or one program (Triton) per tile, the last padded
@@ -277,6 +277,7 @@ def resolve_readout_backend(name: str, device: torch.device | str) -> str:
     return name
 
 
+@without_autocast  # the states stay fp32 inside a bf16 autocast region (models/mambast.py precision)
 def mstd_readout(u, delta, A, B, C, skip=None, backend: str = "auto"):
     """y_b,t = ⟨C_b,t, h_t⟩ (+ skip) for every frame b, h_t the one style's states: (batch, Dch, L) fp32."""
     fn = {"ref": mstd_readout_ref, "chunked": mstd_readout_chunked, "triton": mstd_readout_triton}

@@ -23,7 +23,7 @@ Backends:
 `selective_scan(..., backend="auto")` picks one. The MSTD style cache also uses `scan_states` (the whole
 state sequence h_t, for reuse across frames) and `read_out_states` (y_t = ⟨C_t, h_t⟩ + D u_t).
 
-Precision: every entry point runs with autocast off (`_without_autocast`) and casts its inputs to fp32, so
+Precision: every entry point runs with autocast off (`without_autocast`) and casts its inputs to fp32, so
 inside a caller's bf16 autocast region (models/mambast.py's precision 'bf16') the recurrence, its states and
 the readouts stay fp32: rounding h_t to 8 bits would compound over thousands of steps.
 
@@ -52,7 +52,7 @@ CHUNK = 16  # time steps per chunk: (CHUNK, batch, D, N) fp32 is 4 MB at D=4096,
 READOUT_CHUNK = 64  # time steps per chunk of `read_out_states`: 64 states are 17 MB at D=4096, N=16
 
 
-def _without_autocast(fn):
+def without_autocast(fn):
     """Run `fn` with autocast off on the device of its first tensor argument (see the module docstring)."""
     @functools.wraps(fn)
     def run(*args, **kwargs):
@@ -66,7 +66,7 @@ def _without_autocast(fn):
 # The oracle
 
 
-@_without_autocast
+@without_autocast
 def selective_scan_ref(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=False,
                        return_last_state=False):
     """Sequential reference scan (fp32). Shapes as in the module docstring; returns out (batch, D, L)."""
@@ -246,7 +246,7 @@ class _ChunkedScan(torch.autograd.Function):
         return gu, gdelta, gA.transpose(1, 2).reshape(dim, n), gB, gC
 
 
-@_without_autocast
+@without_autocast
 def selective_scan_chunked(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=False,
                            return_last_state=False):
     """Fast pure-PyTorch scan (fp32, differentiable); same contract as `selective_scan_ref`. Any strides; the
@@ -276,7 +276,7 @@ def selective_scan_chunked(u, delta, A, B, C, D=None, z=None, delta_bias=None, d
 # State sequences, for the MSTD style cache
 
 
-@_without_autocast
+@without_autocast
 @torch.no_grad()
 def scan_states(u, delta, A, B):
     """All states h_t of the recurrence, (batch, L, G, N, c) (channels innermost, see the module docstring).
@@ -299,7 +299,7 @@ def scan_states(u, delta, A, B):
     return out.transpose(0, 1)
 
 
-@_without_autocast
+@without_autocast
 def read_out_states(states, C, skip=None):
     """y_t = C_tᵀ h_t (+ skip): states (1 or batch, L, G, N, c) from `scan_states`, C (batch, G, N, L) or
     (batch, N, L) -> (batch, D, L), a view of time-major (L, batch, D) memory.
@@ -335,7 +335,7 @@ def _mamba_ssm_scan():
     return selective_scan_fn
 
 
-@_without_autocast
+@without_autocast
 def selective_scan_cuda(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=False,
                         return_last_state=False):
     fn = _mamba_ssm_scan()
