@@ -158,7 +158,7 @@ def test_bf16_precision_is_close_to_fp32_and_every_scan_gets_fp32(cache, monkeyp
     content, style = frames(2, 40, 56), frames(1, 40, 56, seed=1)
     grid = fp32.token_grid(40, 56)
     calls = []
-    for name in ("selective_scan", "scan_states", "read_out_states"):
+    for name in ("selective_scan", "scan_states", "read_out_states", "mstd_readout"):
         def spy(*args, _scan=getattr(mambast, name), _name=name, **kwargs):
             tensors = [a for a in (*args, *kwargs.values()) if isinstance(a, torch.Tensor)]
             calls.append((_name, torch.is_autocast_enabled("cpu"), {t.dtype for t in tensors}))
@@ -170,7 +170,7 @@ def test_bf16_precision_is_close_to_fp32_and_every_scan_gets_fp32(cache, monkeyp
     assert out.dtype == torch.float32
     assert (out - expected).abs().mean() <= 2.5 / 255 and (out - expected).abs().max() <= 0.06
     assert {name for name, _, _ in calls} == ({"selective_scan", "scan_states", "read_out_states"} if cache == "states"
-                                              else {"selective_scan"})
+                                              else {"selective_scan", "mstd_readout"})
     assert all(autocast and dtypes == {torch.float32} for _, autocast, dtypes in calls), calls
 
 
