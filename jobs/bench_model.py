@@ -22,6 +22,13 @@ work); the wall-clock ratio is what a user sees.
 encoder, MSTD, CNN decoder, and inside the two Mamba stages their linear layers, depthwise convs and LayerNorms,
 the rest being the scans and their layout work (`_profile_frame`; the same split for any revision).
 
+Measured for issue 22 (official widths, random weights, 512², this 2-core box; 61ea76c~1 is the code before it):
+`mambast bench model --config official --size 512 --threads 2 --paths cached --baseline 61ea76c~1 --rounds 3
+--frames 2 --profile`, the box otherwise idle for the last two rounds: baseline 4.39 / 4.40 s/frame, cached
+2.81 / 3.71 s/frame; with --threads 1 (another job on the other core): 10.2 -> 5.9 s/frame (1.73x). By stage
+(CPU s, 2 threads): content encoder scans + layout 5.85 -> 3.04, MSTD scans + layout 1.57 -> 0.97, linear
+layers, LayerNorms and CNN decoder unchanged within noise (0.9, 0.05, 1.5).
+
 Ratios printed: ref_scan / cached (the fast scan's speed-up), no_cache / cached (the style cache's),
 official / cached, baseline / cached. The last line is one JSON object.
 """
