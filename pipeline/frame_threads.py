@@ -23,6 +23,17 @@ DECODE_QUEUE_FRAMES = 8    # frames waiting in each queue: enough to hide decode
 STAGE_QUEUE_BATCHES = 2    # batches waiting between two stages: the next one ready while this one is worked on
 
 
+def put_unless_stopped(box: queue.Queue, item, stop: threading.Event) -> bool:
+    """Put `item` into the bounded queue, waiting while it is full, unless `stop` is set first (then False)."""
+    while not stop.is_set():
+        try:
+            box.put(item, timeout=0.1)
+            return True
+        except queue.Full:
+            continue
+    return False
+
+
 class FrameReader:
     """Decodes the selected frames on a background thread into a small bounded queue.
 
@@ -55,13 +66,7 @@ class FrameReader:
                 frames.close()
 
     def _put(self, item) -> bool:
-        while not self._stop.is_set():
-            try:
-                self._queue.put(item, timeout=0.1)
-                return True
-            except queue.Full:
-                continue
-        return False
+        return put_unless_stopped(self._queue, item, self._stop)
 
     def __iter__(self) -> Iterator[Frame]:
         while True:
@@ -207,13 +212,7 @@ class StageThreads:
                 return
 
     def _put(self, outbox: queue.Queue, item) -> bool:
-        while not self._stop.is_set():
-            try:
-                outbox.put(item, timeout=0.1)
-                return True
-            except queue.Full:
-                continue
-        return False
+        return put_unless_stopped(outbox, item, self._stop)
 
     def _get(self, inbox: queue.Queue):
         while not self._stop.is_set():
