@@ -90,7 +90,7 @@ from torch import Tensor
 from torch.utils._python_dispatch import TorchDispatchMode, _get_current_dispatch_mode_stack
 
 from models.style_controls import preserve_colors
-from pipeline.temporal import DETAIL_LEVELS, FrameMotion
+from pipeline.temporal import DETAIL_LEVELS, FrameMotion, WindowedBlend
 
 if TYPE_CHECKING:  # pipeline/stylizer.py drives this module
     from pipeline.stylizer import StylizerConfig
@@ -472,19 +472,13 @@ def warp(image: Tensor, grid: Tensor) -> Tensor:
     return F.grid_sample(image[None], grid, mode="bicubic", padding_mode="border", align_corners=True)[0]
 
 
-class TensorWindowedBlend:
+class TensorWindowedBlend(WindowedBlend):
     """pipeline/temporal.py's `WindowedBlend` (read its "Design choice") on (C, H, W) tensors: the runs restarted
     at the last `warmup` frames, each advanced by one blend with its own warp, summed oldest first, their mean out.
-    Restarts on a shot start or a change of shape."""
+    Restarts on a shot start or a change of shape. Only the advancing differs; the window is the base class's."""
 
     def __init__(self, alpha: float, warmup: int):
-        self.alpha = alpha
-        self.warmup = warmup
-        self.reset()
-
-    def reset(self) -> None:
-        self._runs: list[Tensor] = []   # started at frames t-warmup+1 .. t, oldest first
-        self.depth = 0                  # how many runs the last output averaged (1: the frame itself)
+        super().__init__(alpha, warmup, channels_first=True)
 
     def step(self, x: Tensor, motion: tuple[Tensor, Tensor] | None) -> Tensor:
         """Blend `x` (kept as the newest run: do not modify it afterwards) with the warped past. `motion`:
@@ -498,14 +492,7 @@ class TensorWindowedBlend:
             weight = self.alpha * valid
             for run in self._runs:                  # run <- x + weight * (warp(run) - x)
                 advanced.append((warp(run, grid) - x) * weight + x)
-        runs = advanced + [x]
-        out = runs[0].clone()
-        for run in runs[1:]:                        # fixed order: oldest first
-            out += run
-        out /= len(runs)
-        self._runs = runs[-self.warmup:]
-        self.depth = len(runs)
-        return out
+        return self._window(advanced, x)
 
 
 def restore_detail(blended: Tensor, frame: Tensor, levels: int) -> Tensor:

@@ -223,8 +223,13 @@ class WindowedBlend:
                 warped *= weight
                 warped += x
                 advanced.append(warped)
+        return self._window(advanced, x)
+
+    def _window(self, advanced: list, x):
+        """The runs advanced to this frame plus the new run `x`: their mean out (summed oldest first), the newest
+        `warmup` kept. Arrays or tensors alike (pipeline/device_post.py's twin of `step` shares this)."""
         runs = advanced + [x]                      # started at frames t-warmup .. t (fewer after a shot start)
-        out = runs[0].copy()
+        out = runs[0] * 1.0                        # a new array (or tensor) with the oldest run's exact values
         for run in runs[1:]:                       # fixed order: oldest first
             out += run
         out /= len(runs)
