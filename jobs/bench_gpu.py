@@ -32,6 +32,12 @@ default post (the device on CUDA), serial and pipelined (`Settings.pipelined`), 
 runs, and their ratio (issue 22's target: pipelined >= 1.3x serial at 1080p with the bundled weights on the
 2-core CPU).
 
+`--baseline REV` adds the stylize job as a user runs it, today's against an earlier revision's: `mambast stylize`
+of this tree and of REV (its models/, pipeline/, jobs/ and configs/, extracted to a temporary folder that comes
+first on the child's import path), each in a fresh process with its own defaults (today's: pipelined), the same
+weights, clip and working size, alternated, each the best of its runs; fps as each prints it (render time, no
+start-up). Issue 22's target: today >= 1.3x the code before it (6ed159a) at 1080p with the bundled weights.
+
 `--config NAME` benchmarks random weights of a model config (configs/model/NAME.yaml, e.g. official): only the
 cost matters there. The official widths take minutes per frame at 1080p on a CPU, so few frames by default, one
 run per mode, and an ETA after the warm-up. The summary is a table, then one JSON line (with --json, only that).
@@ -41,6 +47,8 @@ from __future__ import annotations
 import json
 import os
 import platform
+import re
+import subprocess
 import sys
 import tempfile
 import time
@@ -50,11 +58,13 @@ from pathlib import Path
 import av
 import cv2
 import torch
+import yaml
 
+from jobs.bench_model import REPO_ROOT, extract_code
 from jobs.demo import demo_painting
-from models.checkpoint import load_model, model_config, save_model
+from models.checkpoint import BUNDLED_DIR, load_model, model_config, read_model_config, save_model
 from models.errors import UserError
-from models.mambast import MambaST
+from models.mambast import MambaST, MambaSTConfig
 from pipeline.api import resolve_device
 from pipeline.device_post import upload_uint8
 from pipeline.local_runner import progress_bar, run_local
@@ -71,6 +81,8 @@ SIZES = {"720p": (1280, 720), "1080p": (1920, 1080), "1440p": (2560, 1440), "216
 # CPU (the official widths several times that), milliseconds on a GPU.
 DEFAULT_FRAMES = {"cuda": {"weights": 64, "config": 16}, "cpu": {"weights": 8, "config": 4}}
 PIPELINED_TARGET = 1.3                        # issue 22: pipelined fps / serial fps at 1080p, bundled, this CPU
+BASELINE_TARGET = 1.3                         # issue 22: today's stylize fps / the code before it (6ed159a)
+BASELINE_FOLDERS = ("models", "pipeline", "jobs", "configs")  # what `mambast stylize` of a revision runs
 HOST, DEVICE, UP, DOWN = "host", "device", "host->device", "device->host"
 ROUTES = {
     "host": ("decode", "prepare_host", "flow", "model", "post_host", "encode"),
@@ -92,6 +104,8 @@ def register_gpu_bench(benches) -> None:
                    + ")")
     p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"), help="(auto: CUDA when there)")
     p.add_argument("--threads", type=int, default=torch.get_num_threads(), help="torch threads (all cores)")
+    p.add_argument("--baseline", metavar="REV", help="also time `mambast stylize` of git revision REV against "
+                   "today's, in fresh processes, alternated (issue 22: 6ed159a, the code before it)")
     p.add_argument("--json", action="store_true", help="print only the JSON line")
     p.set_defaults(func=run_gpu_bench)
 
@@ -125,6 +139,8 @@ def run_gpu_bench(args) -> int:
     settings = Settings(working_size=args.working_size)
     painting = demo_painting()
     with tempfile.TemporaryDirectory(prefix="mambast-bench-gpu-") as scratch:
+        baseline_code = (extract_code(args.baseline, Path(scratch) / "baseline", BASELINE_FOLDERS)
+                         if args.baseline else None)  # a bad revision is refused before any work
         weights = args.weights
         if args.config:  # random weights, saved so that the stylize job loads them like any checkpoint
             weights = str(save_model(MambaST(model_config(args.config)).eval(), Path(scratch) / "weights"))
@@ -142,6 +158,9 @@ def run_gpu_bench(args) -> int:
         end_to_end = measure_end_to_end(job, repeats)
         end_to_end["measured_on"] = device_name(device, args.threads)
         end_to_end["post"] = "device" if device.type == "cuda" else "host"  # the job's default, post: auto
+        if args.baseline:
+            end_to_end["against_baseline"] = measure_against_baseline(job, weights, args.baseline, baseline_code,
+                                                                      repeats, scratch)
     stage_ms = {name: round(stage.ms_per_frame, 4) for name, stage in stages.items()}  # the projections use these
     routes = {name: project(stage_ms, route) for name, route in ROUTES.items()}
     report = {
@@ -371,6 +390,57 @@ def measure_end_to_end(job: StylizeJob, repeats: int) -> dict:
             "pipelined_over_serial": round(fps["pipelined"] / fps["serial"], 3), "target": PIPELINED_TARGET}
 
 
+# ----------------------------------------------------------------------------------------------------------
+# today's stylize command against an earlier revision's
+
+
+STYLIZE_LINE = re.compile(r": (\d+) frames at ([0-9.]+) fps")  # Summary.line(), the same since before issue 22
+
+
+def measure_against_baseline(job: StylizeJob, weights: str | None, rev: str, baseline_code: Path, repeats: int,
+                             scratch: str) -> dict:
+    """fps of `mambast stylize` with today's code and with revision `rev`'s (extracted to `baseline_code`), each in
+    fresh processes with its own defaults, alternated (today, baseline, baseline, today, ...), each the best of
+    `repeats` runs."""
+    code = {"today": REPO_ROOT, "baseline": baseline_code}
+    weights_for = {"today": weights or str(BUNDLED_DIR),
+                   "baseline": weights_without_defaults(weights or BUNDLED_DIR, Path(scratch) / "baseline-weights")}
+    fps: dict[str, float] = {}
+    for turn in range(repeats):
+        for who in (("today", "baseline") if turn % 2 == 0 else ("baseline", "today")):
+            fps[who] = max(fps.get(who, 0.0), stylize_fps(job, code[who], weights_for[who], who, rev))
+    return {"revision": rev, "runs_each": repeats, "fps": {who: round(value, 3) for who, value in fps.items()},
+            "today_over_baseline": round(fps["today"] / fps["baseline"], 3), "target": BASELINE_TARGET}
+
+
+def weights_without_defaults(weights: str | os.PathLike, into: Path) -> str:
+    """The checkpoint `weights` as a folder whose config names only the fields that differ from today's defaults:
+    an older revision fills in its own defaults for the rest and does not trip over fields added since (precision)."""
+    cfg, tensors = read_model_config(weights), Path(weights)
+    into.mkdir(parents=True, exist_ok=True)
+    os.symlink((tensors / "model.safetensors" if tensors.is_dir() else tensors).resolve(), into / "model.safetensors")
+    defaults = MambaSTConfig().to_dict()
+    model = {key: value for key, value in cfg.to_dict().items() if defaults.get(key) != value}
+    (into / "config.yaml").write_text(yaml.safe_dump({"model": model}, sort_keys=False))
+    return str(into)
+
+
+def stylize_fps(job: StylizeJob, code_root: Path, weights: str, who: str, rev: str) -> float:
+    """`mambast stylize` of `job` by the code under `code_root`, in a fresh process: the fps it reports."""
+    command = [sys.executable, "-P", "-m", "jobs.cli", "stylize", job.input, "--style", job.style, "-o", job.output,
+               "--weights", weights, "--max-frames", str(job.max_frames), "--working-size",
+               str(job.settings.working_size), "--device", job.device, "--runner", "local", "--overwrite"]
+    print(f"bench gpu: mambast stylize, {who}" + (f" ({rev})" if who == "baseline" else ""), file=sys.stderr,
+          flush=True)
+    env = {**os.environ, "PYTHONPATH": str(code_root)}  # -P: the working directory does not shadow it
+    proc = subprocess.run(command, env=env, cwd=code_root, capture_output=True, text=True)
+    found = STYLIZE_LINE.search(proc.stdout + proc.stderr)
+    if proc.returncode != 0 or not found:
+        detail = (proc.stderr.strip().splitlines() or [f"exit status {proc.returncode}"])[-1]
+        raise UserError(f"--baseline: {who}'s mambast stylize failed: {detail[:300]}")
+    return float(found.group(2))
+
+
 def print_summary(report: dict) -> None:
     print(f"  {'stage':14s} {'on':14s} {'ms/frame':>10s}  {'fps alone':>9s}")
     for name, stage in report["stages"].items():
@@ -388,6 +458,11 @@ def print_summary(report: dict) -> None:
           f"of {e2e['runs_per_mode']} alternated runs): {fps}")
     print(f"  pipelined / serial {e2e['pipelined_over_serial']:.3f} (issue 22's target at 1080p, bundled weights, "
           f"2-core CPU: >= {e2e['target']})")
+    if "against_baseline" in e2e:
+        against = e2e["against_baseline"]
+        print(f"  mambast stylize, today vs {against['revision']} (fresh processes, best of {against['runs_each']} "
+              f"alternated runs): {against['fps']['today']:.2f} vs {against['fps']['baseline']:.2f} fps, "
+              f"{against['today_over_baseline']:.3f}x (issue 22's target: >= {against['target']})")
     if report["random_weights"]:
         print(f"  (random weights of {report['config']}: only the cost is meaningful, not the pictures)")
     if "device_peak_mb" in report:

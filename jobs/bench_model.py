@@ -197,10 +197,10 @@ def _run_child(job: dict, code_root: Path | None = None) -> dict:
 # The baseline's code
 
 
-def extract_code(rev: str, into: Path) -> Path:
-    """models/ and configs/ of git revision `rev` into `into`; returns `into`. One UserError line if git fails."""
+def extract_code(rev: str, into: Path, folders: tuple[str, ...] = ("models", "configs")) -> Path:
+    """`folders` of git revision `rev` into `into`; returns `into`. One UserError line if git fails."""
     try:
-        proc = subprocess.run(["git", "-C", str(REPO_ROOT), "archive", "--format=tar", rev, "models", "configs"],
+        proc = subprocess.run(["git", "-C", str(REPO_ROOT), "archive", "--format=tar", rev, *folders],
                               capture_output=True)
     except OSError as e:
         raise UserError(f"--baseline: cannot run git ({e.strerror})") from None

@@ -51,3 +51,20 @@ def test_bad_flags_are_one_line_errors(capsys, flags):
     assert main(TINY + flags) == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith("mambast: error:") and len(err.splitlines()) == 1
+
+
+def test_the_stylize_command_is_timed_against_an_earlier_revision(capsys):
+    """--baseline: `mambast stylize` of a git revision's code and of today's, each in a fresh process; HEAD stands in
+    for the older revision here (the same code: only that both ran and the ratio follows from their fps)."""
+    report = run_bench(capsys, "--frames", "2", "--baseline", "HEAD")
+    against = report["end_to_end"]["against_baseline"]
+    assert against["revision"] == "HEAD" and against["runs_each"] == 2
+    assert against["fps"]["today"] > 0 and against["fps"]["baseline"] > 0
+    assert against["today_over_baseline"] == pytest.approx(against["fps"]["today"] / against["fps"]["baseline"],
+                                                           rel=1e-2)
+
+
+def test_an_unknown_baseline_revision_is_a_one_line_error(capsys):
+    assert main(TINY + ["--frames", "1", "--baseline", "no-such-revision"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "no-such-revision" in err and len(err.splitlines()) == 1
