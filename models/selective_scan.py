@@ -18,6 +18,9 @@ Backends:
   once. Its custom backward recomputes each chunk from the saved chunk-boundary states and runs the adjoint
   recurrence in reverse, so training on CPU costs O(L) vectorised steps instead of a per-slice autograd graph.
   For inference (no autograd) it applies the bias and softplus of Δ and the D skip chunk by chunk as well.
+- `selective_scan_cpu`: inference on the CPU through a compiled loop (models/scan_kernel_cpu.py: the steps of a
+  block of channels fused, its states in registers), built on first use with the system's C compiler; under
+  autograd, or where it cannot be built, the chunked scan. What `auto` picks on the CPU.
 - `selective_scan_cuda`: mamba-ssm's CUDA kernel, used automatically for CUDA tensors when installed.
 
 `selective_scan(..., backend="auto")` picks one. The MSTD style cache also uses `scan_states` (the whole
@@ -47,6 +50,8 @@ import warnings
 
 import torch
 import torch.nn.functional as F
+
+from models.scan_kernel_cpu import kernel_takes, scan_forward_cpu, scan_kernel
 
 CHUNK = 16  # time steps per chunk: (CHUNK, batch, D, N) fp32 is 4 MB at D=4096, N=16
 READOUT_CHUNK = 64  # time steps per chunk of `read_out_states`: 64 states are 17 MB at D=4096, N=16
@@ -323,6 +328,27 @@ def read_out_states(states, C, skip=None):
 
 
 # ----------------------------------------------------------------------------------------------------------
+# The compiled CPU loop, for inference
+
+
+@without_autocast
+def selective_scan_cpu(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=False,
+                       return_last_state=False):
+    """The scan through models/scan_kernel_cpu.py; same contract as `selective_scan_ref`. What the kernel does not
+    cover (autograd, the last state, shapes it does not take, no C compiler) runs `selective_scan_chunked`."""
+    B, C = _as_groups(B), _as_groups(C)
+    inputs = [t for t in (u, delta, A, B, C, D, z, delta_bias) if t is not None]
+    needs_grad = torch.is_grad_enabled() and any(t.requires_grad for t in inputs)
+    if needs_grad or return_last_state or not kernel_takes(u, A, B):
+        return selective_scan_chunked(u, delta, A, B, C, D, z, delta_bias, delta_softplus, return_last_state)
+    dt = _step_sizes(delta.float(), None if delta_bias is None else delta_bias.float(), delta_softplus)
+    out = scan_forward_cpu(u.float(), dt, A.float(), B.float(), C.float(), None if D is None else D.float())
+    if z is not None:
+        out = out * F.silu(z.float())
+    return out.to(u.dtype)
+
+
+# ----------------------------------------------------------------------------------------------------------
 # mamba-ssm's CUDA kernel, when installed
 
 
@@ -345,13 +371,18 @@ def selective_scan_cuda(u, delta, A, B, C, D=None, z=None, delta_bias=None, delt
     return fn(u, delta, A, B.contiguous(), C.contiguous(), D, z, delta_bias, delta_softplus, return_last_state)
 
 
-BACKENDS = {"ref": selective_scan_ref, "chunked": selective_scan_chunked, "cuda": selective_scan_cuda}
+BACKENDS = {"ref": selective_scan_ref, "chunked": selective_scan_chunked, "cpu": selective_scan_cpu,
+            "cuda": selective_scan_cuda}
 
 
 def resolve_backend(name: str, device: torch.device | str) -> str:
-    """'auto' -> 'cuda' for CUDA tensors when mamba-ssm imports, else 'chunked' (on CUDA with a warning, once)."""
+    """'auto' -> 'cuda' for CUDA tensors when mamba-ssm imports, else 'chunked' (on CUDA with a warning, once);
+    on the CPU 'cpu' when its kernel builds, else 'chunked'."""
     if name == "auto":
         if torch.device(device).type != "cuda":
+            if scan_kernel() is not None:
+                return "cpu"
+            _warn_slow_cpu_scan()
             return "chunked"
         if _mamba_ssm_scan() is not None:
             return "cuda"
@@ -367,6 +398,13 @@ def _warn_slow_cuda_scan() -> None:
     warnings.warn("CUDA device, but mamba-ssm's CUDA kernel does not import: the selective scans run the "
                   "pure-PyTorch chunked scan, many times slower on a GPU. Install it on the CUDA machine: "
                   "pip install 'mambast-video[cuda]' --no-build-isolation", RuntimeWarning, stacklevel=3)
+
+
+@functools.cache  # once per process
+def _warn_slow_cpu_scan() -> None:
+    warnings.warn("no working C compiler (cc, or $CC): the selective scans run the pure-PyTorch chunked scan, "
+                  "about 2x slower at the bundled widths than the compiled one (models/scan_kernel_cpu.py)",
+                  RuntimeWarning, stacklevel=3)
 
 
 def selective_scan(*args, backend: str = "auto", **kwargs):

@@ -137,8 +137,10 @@ def _to_device(host: Tensor, device: torch.device) -> Tensor:
 def download_uint8(frames: Tensor) -> list[np.ndarray]:
     """(n, H, W, 3) uint8 on any device -> n host arrays H x W x 3: the path's one device -> host transfer.
 
-    On CUDA: a non-blocking copy into pinned memory and one wait for the device (the sync this path allows
-    itself, once per batch). The arrays view that memory, which stays allocated while any of them lives.
+    On CUDA: a non-blocking copy into pinned memory and one wait for that copy (the sync this path allows itself,
+    once per batch): an event recorded behind it, not the whole stream, so work other stage threads queued since
+    (the next batch's model) is not waited for. The arrays view that memory, which stays allocated while any of them
+    lives.
     """
     if frames.dtype != torch.uint8 or frames.ndim != 4 or frames.shape[-1] != 3:
         raise ValueError(f"download_uint8: expected (n, H, W, 3) uint8, got {frames.dtype} {tuple(frames.shape)}")
@@ -150,7 +152,9 @@ def download_uint8(frames: Tensor) -> list[np.ndarray]:
         if frames.device.type == "cuda":
             host = torch.empty(frames.shape, dtype=torch.uint8, pin_memory=True)
             host.copy_(frames, non_blocking=True)
-            torch.cuda.current_stream(frames.device).synchronize()
+            copied = torch.cuda.Event()
+            copied.record(torch.cuda.current_stream(frames.device))
+            copied.synchronize()
         else:  # a copy on the CPU too: the caller's arrays, not views of a tensor someone may still write
             host = frames.to("cpu", copy=True, memory_format=torch.contiguous_format)
     finally:

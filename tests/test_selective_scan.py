@@ -6,8 +6,11 @@ import torch
 import torch.nn.functional as F
 
 from models import selective_scan as scan_module
+from models.scan_kernel_cpu import scan_kernel
 from models.selective_scan import (read_out_states, resolve_backend, scan_states, selective_scan_chunked,
-                                   selective_scan_ref)
+                                   selective_scan_cpu, selective_scan_ref)
+
+needs_kernel = pytest.mark.skipif(scan_kernel() is None, reason="no C compiler here: the CPU kernel cannot be built")
 
 SHAPES = [  # batch, groups (0 = ungrouped 3-D B/C), channels per group, d_state, length
     (1, 4, 8, 16, 200),
@@ -115,7 +118,7 @@ def test_per_frame_states_readout_matches_reference():
 
 
 def test_backend_choice():
-    assert resolve_backend("auto", "cpu") == "chunked"
+    assert resolve_backend("auto", "cpu") == ("cpu" if scan_kernel() is not None else "chunked")
     assert resolve_backend("ref", "cpu") == "ref"
     with pytest.raises(ValueError, match="unknown scan backend"):
         resolve_backend("fastest", "cpu")
@@ -148,4 +151,72 @@ def test_cuda_without_mamba_ssm_warns_once_that_the_scan_is_slow():
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # a second warning would raise
         assert resolve_backend("auto", torch.device("cuda", 0)) == "chunked"
-        assert resolve_backend("auto", "cpu") == "chunked"
+        assert resolve_backend("auto", "cpu") in ("cpu", "chunked")
+
+
+# ----------------------------------------------------------------------------------------------------------
+# The compiled CPU loop (models/scan_kernel_cpu.py)
+
+KERNEL_SHAPES = [  # batch, groups, channels per group, d_state, length: channel counts multiples of 8
+    (1, 4, 8, 16, 200),
+    (2, 0, 16, 4, 63),
+    (3, 2, 8, 3, 1),
+    (2, 4, 32, 8, 97),
+]
+
+
+@needs_kernel
+@pytest.mark.parametrize("shape", KERNEL_SHAPES)
+@pytest.mark.parametrize("options", [dict(delta_softplus=True), dict(delta_softplus=False, drop=("z", "D", "delta_bias"))])
+def test_cpu_kernel_matches_reference(shape, options):
+    inputs = make_inputs(*shape, seed=7)
+    options = dict(options)
+    for k in options.pop("drop", ()):
+        inputs[k] = None
+    if not options.get("delta_softplus"):
+        inputs["delta"] = inputs["delta"].abs()
+    ref = selective_scan_ref(**inputs, **options)
+    fast = selective_scan_cpu(**inputs, **options)
+    assert fast.shape == ref.shape
+    assert (fast - ref).abs().max().item() <= 1e-5 * max(1.0, ref.abs().max().item())
+
+
+@needs_kernel
+def test_cpu_kernel_handles_long_decays_and_time_major_views():
+    """Large Δ|A| (exp underflows towards 0: the clamp at -87) and u, Δ as views of (L, batch, D) memory, as the
+    model passes them."""
+    inputs = make_inputs(2, 4, 8, 6, 300, seed=8)
+    inputs["A"] = inputs["A"] * 40
+    inputs["u"], inputs["delta"] = (x.permute(2, 0, 1).contiguous().permute(1, 2, 0) for x in (inputs["u"], inputs["delta"]))
+    ref = selective_scan_ref(**inputs, delta_softplus=True)
+    fast = selective_scan_cpu(**inputs, delta_softplus=True)
+    assert torch.isfinite(fast).all()
+    assert (fast - ref).abs().max().item() <= 1e-5 * max(1.0, ref.abs().max().item())
+
+
+@needs_kernel
+def test_cpu_kernel_bits_do_not_depend_on_the_batch_or_the_threads():
+    """A frame's outputs are the same alone or in a batch, on one thread or several (deterministic renders)."""
+    inputs = make_inputs(3, 4, 16, 8, 120, seed=9)
+    together = selective_scan_cpu(**inputs, delta_softplus=True)
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        for i in range(3):
+            alone = selective_scan_cpu(**{k: (v[i:i + 1] if v.dim() > 1 and v.shape[0] == 3 else v)
+                                          for k, v in inputs.items()}, delta_softplus=True)
+            assert torch.equal(alone[0], together[i])
+    finally:
+        torch.set_num_threads(threads)
+
+
+def test_cpu_backend_falls_back_to_the_chunked_scan_for_what_the_kernel_does_not_take():
+    """Autograd, the last state and channel counts that are not multiples of 8 run the chunked scan: same results."""
+    inputs = make_inputs(2, 2, 5, 4, 40, seed=10)  # 10 channels
+    assert torch.equal(selective_scan_cpu(**inputs, delta_softplus=True),
+                       selective_scan_chunked(**inputs, delta_softplus=True))
+    grads = {k: v.requires_grad_() for k, v in make_inputs(1, 2, 8, 4, 30, seed=11).items()}
+    out = selective_scan_cpu(**grads, delta_softplus=True)
+    assert out.requires_grad
+    out.sum().backward()
+    assert grads["u"].grad is not None
