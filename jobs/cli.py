@@ -6,14 +6,24 @@ so users see "mambast: error: <file>: <problem>" instead of a traceback.
 """
 from __future__ import annotations
 
-import argparse
-import importlib
 import os
-import signal
-import sys
-import threading
 
-from models.errors import UserError
+# The environment the user started us with, before the line below: what a benchmark's child processes get, so that
+# an older revision runs as it ran for its users (jobs/bench_gpu.py --baseline).
+LAUNCH_ENVIRONMENT = dict(os.environ)
+# torch's OpenMP threads wait for work passively instead of spinning. libgomp reads this once, when torch loads it,
+# hence before any import that may load torch. Spinning pays on a machine with nothing else to do; a stylize job
+# runs decode, flow, post-processing and x264 threads beside the model's, which spinning threads starve (1080p on
+# the 2-core box, `mambast bench gpu`: steadier and on average faster, serial and pipelined alike).
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
+import argparse  # noqa: E402
+import importlib  # noqa: E402
+import signal  # noqa: E402
+import sys  # noqa: E402
+import threading  # noqa: E402
+
+from models.errors import UserError  # noqa: E402
 
 # Job modules, in the order their subcommands appear in --help.
 JOB_MODULES = [
