@@ -3,14 +3,15 @@
     h_t = exp(Δ_t A) ⊙ h_{t-1} + Δ_t u_t B_t,   y_t = ⟨C_t, h_t⟩ + D u_t
 
 Why: the chunked torch scan (models/selective_scan.py) runs one `addcmul` per time step. At the official widths
-that op is big enough to be worth it; at the bundled widths (64 channels per direction-group slice, 8 states) it is
-~16k floats, so a 512 × 910 frame's three content blocks spend most of their time launching ~22k small ops per
-batch. Here each (frame, block of 8 channels) walks L once with its 8 × N states in registers: the decay, the
+that op is big enough to be worth it; at the bundled widths (4 directions × 128 channels × 8 states, 4 frames) it is
+~16k floats, so the three content blocks of a batch at 512 × 910 spend most of their time on ~22k small ops. Here each (frame, block of 8 channels) walks L once with its 8 × N states in registers: the decay, the
 input, the state update and the readout of a step are fused, nothing of size (L, N) is written.
 
-The C source below is compiled on first use with the system's C compiler into a per-user cache (named by a hash of
-the source, the flags and the compiler), then loaded with ctypes; ctypes releases the GIL, so the blocks are split
-between `torch.get_num_threads()` Python threads. Where no compiler works, `scan_kernel()` is None and the
+The C source below is compiled on first use with the system's C compiler (`cc`, or $CC) into a cache folder
+($MAMBAST_CACHE/kernels, default ~/.cache/mambast/kernels; one file per hash of the source, the flags and the
+compiler, written under a temporary name and renamed, so concurrent workers may build it at once), then loaded
+with ctypes; ctypes releases the GIL, so the blocks are split between `torch.get_num_threads()` Python threads.
+Where it cannot be built, `scan_kernel()` is None and the
 chunked torch scan runs instead (models/selective_scan.py, which warns once).
 
 Bits: the exponential is our own (Cephes' expf polynomial, no library call), built with -ffp-contract=off, so every

@@ -402,8 +402,9 @@ def _warn_slow_cuda_scan() -> None:
 
 @functools.cache  # once per process
 def _warn_slow_cpu_scan() -> None:
-    warnings.warn("no working C compiler (cc, or $CC): the selective scans run the pure-PyTorch chunked scan, "
-                  "about 2x slower at the bundled widths than the compiled one (models/scan_kernel_cpu.py)",
+    warnings.warn("the CPU scan kernel could not be built (it needs a C compiler, cc or $CC, and a writable "
+                  "$MAMBAST_CACHE or ~/.cache/mambast): the selective scans run the pure-PyTorch chunked scan, "
+                  "about 2x slower at the bundled widths (models/scan_kernel_cpu.py)",
                   RuntimeWarning, stacklevel=3)
 
 
