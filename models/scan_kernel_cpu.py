@@ -51,12 +51,18 @@ static inline f8 load(const float *p) { f8 v; memcpy(&v, p, sizeof v); return v;
 static inline void store(float *p, f8 v) { memcpy(p, &v, sizeof v); }
 static inline f8 splat(float x) { return (f8){x, x, x, x, x, x, x, x}; }
 
-/* exp(x) for x <= 0: 2^k p(r), r = x - k ln2, Cephes' expf polynomial. */
-static inline f8 exp_nonpositive(f8 x) {
-    const f8 lowest = splat(-87.0f);                   /* keeps 2^k a normal float; exp(-87) is 1.6e-38 */
-    const i8 below = x < lowest;
-    x = (f8)(((i8)x & ~below) | ((i8)lowest & below));
-    const i8 ki = __builtin_convertvector(x * 1.44269504088896341f - 0.5f, i8);  /* nearest, for x <= 0 */
+/* exp(x): 2^k p(r), k the integer nearest x / ln 2, r = x - k ln 2, Cephes' expf polynomial. x is clamped to
+   [-87, 88], where 2^k stays a normal float (exp(-87) is 1.6e-38); in the scan x = Δ A <= 0. */
+static inline f8 exp_clamped(f8 x) {
+    const f8 lowest = splat(-87.0f), highest = splat(88.0f);
+    i8 out = x < lowest;
+    x = (f8)(((i8)x & ~out) | ((i8)lowest & out));
+    out = x > highest;
+    x = (f8)(((i8)x & ~out) | ((i8)highest & out));
+    const f8 v = x * 1.44269504088896341f;
+    const i8 negative = v < splat(0.0f);
+    const f8 half = (f8)(((i8)splat(0.5f) & ~negative) | ((i8)splat(-0.5f) & negative));
+    const i8 ki = __builtin_convertvector(v + half, i8);  /* truncation of v ± 1/2: the nearest integer */
     const f8 k = __builtin_convertvector(ki, f8);
     f8 r = x - k * 0.693359375f;
     r = r + k * 2.12194440e-4f;                         /* ln 2 = 0.693359375 - 2.12194440e-4 */
@@ -93,7 +99,7 @@ void scan_forward(const float *u, const float *dt, const float *A, const float *
             const float *Bt = B + (row * G + g) * N, *Ct = C + (row * G + g) * N;
             f8 out = splat(0.0f);
             for (int64_t n = 0; n < N; n++) {
-                h[n] = exp_nonpositive(dtt * a[n]) * h[n] + du * Bt[n];
+                h[n] = exp_clamped(dtt * a[n]) * h[n] + du * Bt[n];
                 out = out + Ct[n] * h[n];
             }
             store(y + row * D + d0, skip ? out + d_skip * ut : out);

@@ -195,6 +195,17 @@ def test_cpu_kernel_handles_long_decays_and_time_major_views():
 
 
 @needs_kernel
+def test_cpu_kernel_takes_any_sign_of_the_step():
+    """Without the softplus Δ may be negative (Δ A > 0: growing states); the kernel's exp is right there too."""
+    inputs = make_inputs(1, 2, 8, 4, 25, seed=12)
+    inputs["delta"] = inputs["delta"] * 0.2
+    ref = selective_scan_ref(**inputs)
+    fast = selective_scan_cpu(**inputs)
+    assert (inputs["delta"] < 0).any() and torch.isfinite(ref).all()
+    assert (fast - ref).abs().max().item() <= 1e-5 * max(1.0, ref.abs().max().item())
+
+
+@needs_kernel
 def test_cpu_kernel_bits_do_not_depend_on_the_batch_or_the_threads():
     """A frame's outputs are the same alone or in a batch, on one thread or several (deterministic renders)."""
     inputs = make_inputs(3, 4, 16, 8, 120, seed=9)
