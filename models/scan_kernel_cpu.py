@@ -76,11 +76,44 @@ static inline f8 exp_clamped(f8 x) {
     return p * (f8)((ki + 127) << 23);
 }
 
-/* Time-major operands: u, dt, y (L, batch, D); B, C (L, batch, G, N); A (D, N); skip (D) or NULL.
-   Blocks [first, last) of CB channels, numbered frame-major: block k is frame k / (D / CB). */
-void scan_forward(const float *u, const float *dt, const float *A, const float *B, const float *C,
-                  const float *skip, float *y, int64_t L, int64_t batch, int64_t D, int64_t G, int64_t N,
-                  int64_t first, int64_t last) {
+static inline f8 select(i8 mask, f8 yes, f8 no) { return (f8)(((i8)yes & mask) | ((i8)no & ~mask)); }
+
+/* log(1 + y) for y in [0, 1]: Cephes' logf polynomial on z = 1 + y (halved above sqrt 2), and Goldberg's
+   log(z) y / (z - 1), exact where 1 + y rounds (z - 1 is exact there). */
+static inline f8 log1p_unit(f8 y) {
+    const f8 z = splat(1.0f) + y;
+    const i8 big = z > splat(1.41421356237f);
+    const f8 e = select(big, splat(1.0f), splat(0.0f));
+    const f8 t = select(big, z * 0.5f, z) - 1.0f, tt = t * t;
+    f8 p = splat(7.0376836292e-2f);
+    p = p * t - 1.1514610310e-1f;
+    p = p * t + 1.1676998740e-1f;
+    p = p * t - 1.2420140846e-1f;
+    p = p * t + 1.4249322787e-1f;
+    p = p * t - 1.6668057665e-1f;
+    p = p * t + 2.0000714765e-1f;
+    p = p * t - 2.4999993993e-1f;
+    p = p * t + 3.3333331174e-1f;
+    f8 r = t * tt * p + e * -2.12194440e-4f;
+    r = r - 0.5f * tt;
+    const f8 log_z = t + r + e * 0.693359375f;
+    const f8 lost = z - 1.0f;
+    return select(lost == splat(0.0f), y, log_z * y / lost);
+}
+
+/* softplus(x) = max(x, 0) + log(1 + exp(-|x|)) */
+static inline f8 softplus(f8 x) {
+    const i8 positive = x > splat(0.0f);
+    const f8 magnitude = select(positive, x, -x);
+    return select(positive, x, splat(0.0f)) + log1p_unit(exp_clamped(-magnitude));
+}
+
+/* Time-major operands: u, delta, y (L, batch, D); B, C (L, batch, G, N); A (D, N); skip and bias (D) or NULL.
+   Δ = delta (+ bias) (through the softplus when asked). Blocks [first, last) of CB channels, numbered frame-major:
+   block k is frame k / (D / CB). */
+void scan_forward(const float *u, const float *delta, const float *A, const float *B, const float *C,
+                  const float *skip, const float *bias, int32_t delta_softplus, float *y, int64_t L, int64_t batch,
+                  int64_t D, int64_t G, int64_t N, int64_t first, int64_t last) {
     const int64_t per_frame = D / CB, per_group = D / G;
     for (int64_t block = first; block < last; block++) {
         const int64_t b = block / per_frame, d0 = (block % per_frame) * CB, g = d0 / per_group;
@@ -92,10 +125,15 @@ void scan_forward(const float *u, const float *dt, const float *A, const float *
             a[n] = load(column);
             h[n] = splat(0.0f);
         }
-        const f8 d_skip = skip ? load(skip + d0) : splat(0.0f);
+        const f8 d_skip = skip ? load(skip + d0) : splat(0.0f), d_bias = bias ? load(bias + d0) : splat(0.0f);
         for (int64_t t = 0; t < L; t++) {
             const int64_t row = t * batch + b;
-            const f8 ut = load(u + row * D + d0), dtt = load(dt + row * D + d0), du = dtt * ut;
+            f8 dtt = load(delta + row * D + d0);
+            if (bias)
+                dtt = dtt + d_bias;
+            if (delta_softplus)
+                dtt = softplus(dtt);
+            const f8 ut = load(u + row * D + d0), du = dtt * ut;
             const float *Bt = B + (row * G + g) * N, *Ct = C + (row * G + g) * N;
             f8 out = splat(0.0f);
             for (int64_t n = 0; n < N; n++) {
@@ -170,7 +208,7 @@ def scan_kernel():
     except OSError:
         return None
     fn.restype = None
-    fn.argtypes = [ctypes.c_void_p] * 7 + [ctypes.c_int64] * 7
+    fn.argtypes = [ctypes.c_void_p] * 7 + [ctypes.c_int32, ctypes.c_void_p] + [ctypes.c_int64] * 7
     return fn
 
 
@@ -187,22 +225,23 @@ def _pool(workers: int) -> ThreadPoolExecutor:
 
 
 @torch.no_grad()
-def scan_forward_cpu(u, dt, A, B, C, D=None):
-    """y = scan(u, Δ, A, B, C) + D u -> (batch, D, L), a view of time-major (L, batch, D) memory.
+def scan_forward_cpu(u, delta, A, B, C, D=None, delta_bias=None, delta_softplus=False):
+    """y = scan(u, Δ, A, B, C) + D u -> (batch, D, L), a view of time-major (L, batch, D) memory, with
+    Δ = softplus(delta + delta_bias) (the parts asked for: the bias and the softplus are applied in the loop).
 
-    u and Δ (batch, D, L) fp32 (Δ already biased and soft-plussed; fastest as views of time-major memory), A
-    (D, N), B and C grouped (batch, G, N, L), D (D,) or None. Check `kernel_takes` first.
+    u and delta (batch, D, L) fp32 (fastest as views of time-major memory), A (D, N), B and C grouped
+    (batch, G, N, L), D and delta_bias (D,) or None. Check `kernel_takes` first.
     """
     batch, dim, length = u.shape
     groups, n = B.shape[1], A.shape[1]
-    u_t, dt_t = (x.permute(2, 0, 1).contiguous() for x in (u, dt))         # (L, batch, D): no copy if time-major
+    u_t, delta_t = (x.permute(2, 0, 1).contiguous() for x in (u, delta))   # (L, batch, D): no copy if time-major
     B_t, C_t = (x.permute(3, 0, 1, 2).contiguous() for x in (B, C))        # (L, batch, G, N)
-    A, D = A.contiguous(), None if D is None else D.contiguous()
+    A, D, bias = (None if x is None else x.contiguous() for x in (A, D, delta_bias))
     y = torch.empty((length, batch, dim), dtype=torch.float32)
     blocks = batch * dim // CHANNEL_BLOCK
     workers = max(1, min(torch.get_num_threads(), blocks))
-    pointers = [x.data_ptr() for x in (u_t, dt_t, A, B_t, C_t)] + [D.data_ptr() if D is not None else None,
-                                                                   y.data_ptr()]
+    pointer = lambda x: None if x is None else x.data_ptr()  # noqa: E731
+    pointers = [pointer(x) for x in (u_t, delta_t, A, B_t, C_t, D)] + [pointer(bias), int(delta_softplus), y.data_ptr()]
     sizes = [length, batch, dim, groups, n]
     cuts = [blocks * i // workers for i in range(workers + 1)]
     kernel = scan_kernel()

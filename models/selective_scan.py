@@ -341,8 +341,8 @@ def selective_scan_cpu(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta
     needs_grad = torch.is_grad_enabled() and any(t.requires_grad for t in inputs)
     if needs_grad or return_last_state or not kernel_takes(u, A, B):
         return selective_scan_chunked(u, delta, A, B, C, D, z, delta_bias, delta_softplus, return_last_state)
-    dt = _step_sizes(delta.float(), None if delta_bias is None else delta_bias.float(), delta_softplus)
-    out = scan_forward_cpu(u.float(), dt, A.float(), B.float(), C.float(), None if D is None else D.float())
+    out = scan_forward_cpu(u.float(), delta.float(), A.float(), B.float(), C.float(), *(
+        None if x is None else x.float() for x in (D, delta_bias)), delta_softplus)
     if z is not None:
         out = out * F.silu(z.float())
     return out.to(u.dtype)

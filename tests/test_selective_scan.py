@@ -195,6 +195,18 @@ def test_cpu_kernel_handles_long_decays_and_time_major_views():
 
 
 @needs_kernel
+def test_cpu_kernel_softplus_over_the_whole_range():
+    """The kernel applies the bias and softplus itself: steps from -30 (Δ ≈ 1e-13) through 0 to 30 (Δ = delta)."""
+    inputs = make_inputs(1, 2, 8, 4, 60, seed=13)
+    inputs["delta"] = torch.linspace(-30, 30, 60).expand(1, 16, 60).contiguous()
+    inputs["delta_bias"] = torch.zeros(16)
+    inputs["A"] = inputs["A"] / 40  # keeps some memory at the large steps
+    ref = selective_scan_ref(**inputs, delta_softplus=True)
+    fast = selective_scan_cpu(**inputs, delta_softplus=True)
+    assert (fast - ref).abs().max().item() <= 1e-5 * max(1.0, ref.abs().max().item())
+
+
+@needs_kernel
 def test_cpu_kernel_takes_any_sign_of_the_step():
     """Without the softplus Δ may be negative (Δ A > 0: growing states); the kernel's exp is right there too."""
     inputs = make_inputs(1, 2, 8, 4, 25, seed=12)
