@@ -181,8 +181,12 @@ def _official_forward(model, vgg, content, style):
 
 def _run_child(job: dict, code_root: Path | None = None) -> dict:
     """Run `_measure(**job)` in a fresh interpreter; with `code_root`, its `models` package comes from there."""
+    from jobs.cli import LAUNCH_ENVIRONMENT  # here, not at the top: the child imports this module too
+
     paths = [str(code_root)] if code_root else []
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join(paths + [str(REPO_ROOT), os.environ.get("PYTHONPATH", "")])}
+    # the environment `mambast` was started with (not its OMP_WAIT_POLICY default): both revisions see the same one
+    env = {**LAUNCH_ENVIRONMENT,
+           "PYTHONPATH": os.pathsep.join(paths + [str(REPO_ROOT), LAUNCH_ENVIRONMENT.get("PYTHONPATH", "")])}
     # -P: no working directory on the import path ahead of PYTHONPATH, which would shadow the baseline's models
     proc = subprocess.run([sys.executable, "-P", "-m", "jobs.bench_model", json.dumps(job)], env=env,
                           capture_output=True, text=True)
