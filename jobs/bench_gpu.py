@@ -414,7 +414,8 @@ def measure_against_baseline(job: StylizeJob, weights: str | None, rev: str, bas
     for turn in range(repeats):
         for who in (("today", "baseline") if turn % 2 == 0 else ("baseline", "today")):
             fps[who] = max(fps.get(who, 0.0), stylize_fps(job, code[who], weights_for[who], who, rev))
-    return {"revision": rev, "runs_each": repeats, "frames": job.max_frames, "fps": {who: round(value, 3) for who, value in fps.items()},
+    return {"revision": rev, "runs_each": repeats, "frames": job.max_frames,
+            "fps": {who: round(value, 3) for who, value in fps.items()},
             "today_over_baseline": round(fps["today"] / fps["baseline"], 3), "target": BASELINE_TARGET}
 
 
@@ -466,9 +467,8 @@ def print_summary(report: dict) -> None:
     print(f"  pipelined / serial {e2e['pipelined_over_serial']:.3f} (what the overlap alone buys here)")
     if "against_baseline" in e2e:
         against = e2e["against_baseline"]
-        print(f"  mambast stylize, today vs {against['revision']} ({against['frames']} frames, fresh processes, best of "
-              f"{against['runs_each']} "
-              f"alternated runs): {against['fps']['today']:.2f} vs {against['fps']['baseline']:.2f} fps, "
+        print(f"  mambast stylize, today vs {against['revision']} ({against['frames']} frames, fresh processes, "
+              f"best of {against['runs_each']} alternated runs): {against['fps']['today']:.2f} vs {against['fps']['baseline']:.2f} fps, "
               f"{against['today_over_baseline']:.3f}x (issue 22's target: >= {against['target']})")
     if report["random_weights"]:
         print(f"  (random weights of {report['config']}: only the cost is meaningful, not the pictures)")
