@@ -4,15 +4,16 @@
 
 Why: the chunked torch scan (models/selective_scan.py) runs one `addcmul` per time step. At the official widths
 that op is big enough to be worth it; at the bundled widths (4 directions × 128 channels × 8 states, 4 frames) it is
-~16k floats, so the three content blocks of a batch at 512 × 910 spend most of their time on ~22k small ops. Here each (frame, block of 8 channels) walks L once with its 8 × N states in registers: the decay, the
-input, the state update and the readout of a step are fused, nothing of size (L, N) is written.
+~16k floats, so the three content blocks of a batch at 512 × 910 spend most of their time on ~22k small ops. Here
+each (frame, block of 8 channels) walks L once with its 8 × N states in registers: the decay, the input, the state
+update and the readout of a step are fused, nothing of size (L, N) is written.
 
 The C source below is compiled on first use with the system's C compiler (`cc`, or $CC) into a cache folder
 ($MAMBAST_CACHE/kernels, default ~/.cache/mambast/kernels; one file per hash of the source, the flags and the
 compiler, written under a temporary name and renamed, so concurrent workers may build it at once), then loaded
 with ctypes; ctypes releases the GIL, so the blocks are split between `torch.get_num_threads()` Python threads.
-Where it cannot be built, `scan_kernel()` is None and the
-chunked torch scan runs instead (models/selective_scan.py, which warns once).
+Where it cannot be built, `scan_kernel()` is None and the chunked torch scan runs instead (models/selective_scan.py,
+which warns once).
 
 Bits: the exponential is our own (Cephes' expf polynomial, no library call), built with -ffp-contract=off, so every
 lane does the same IEEE operations whatever the vector width the compiler picks: a frame's outputs are the same on
@@ -50,18 +51,16 @@ typedef int32_t i8 __attribute__((vector_size(4 * CB)));
 static inline f8 load(const float *p) { f8 v; memcpy(&v, p, sizeof v); return v; }
 static inline void store(float *p, f8 v) { memcpy(p, &v, sizeof v); }
 static inline f8 splat(float x) { return (f8){x, x, x, x, x, x, x, x}; }
+static inline f8 select(i8 mask, f8 yes, f8 no) { return (f8)(((i8)yes & mask) | ((i8)no & ~mask)); }
 
 /* exp(x): 2^k p(r), k the integer nearest x / ln 2, r = x - k ln 2, Cephes' expf polynomial. x is clamped to
    [-87, 88], where 2^k stays a normal float (exp(-87) is 1.6e-38); in the scan x = Δ A <= 0. */
 static inline f8 exp_clamped(f8 x) {
     const f8 lowest = splat(-87.0f), highest = splat(88.0f);
-    i8 out = x < lowest;
-    x = (f8)(((i8)x & ~out) | ((i8)lowest & out));
-    out = x > highest;
-    x = (f8)(((i8)x & ~out) | ((i8)highest & out));
+    x = select(x < lowest, lowest, x);
+    x = select(x > highest, highest, x);
     const f8 v = x * 1.44269504088896341f;
-    const i8 negative = v < splat(0.0f);
-    const f8 half = (f8)(((i8)splat(0.5f) & ~negative) | ((i8)splat(-0.5f) & negative));
+    const f8 half = select(v < splat(0.0f), splat(-0.5f), splat(0.5f));
     const i8 ki = __builtin_convertvector(v + half, i8);  /* truncation of v ± 1/2: the nearest integer */
     const f8 k = __builtin_convertvector(ki, f8);
     f8 r = x - k * 0.693359375f;
@@ -75,8 +74,6 @@ static inline f8 exp_clamped(f8 x) {
     p = p * r * r + r + 1.0f;
     return p * (f8)((ki + 127) << 23);
 }
-
-static inline f8 select(i8 mask, f8 yes, f8 no) { return (f8)(((i8)yes & mask) | ((i8)no & ~mask)); }
 
 /* log(1 + y) for y in [0, 1]: Cephes' logf polynomial on z = 1 + y (halved above sqrt 2), and Goldberg's
    log(z) y / (z - 1), exact where 1 + y rounds (z - 1 is exact there). */

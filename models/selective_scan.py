@@ -110,6 +110,11 @@ def _expand_groups(M, dim):
 # Our fast scan
 
 
+def _under_autograd(*tensors) -> bool:
+    """Whether a result of these (None allowed) needs a backward pass."""
+    return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
+
+
 def _as_groups(M):
     """(batch, N, L) -> (batch, 1, N, L); grouped stays as it is."""
     return M.unsqueeze(1) if M.dim() == 3 else M
@@ -261,8 +266,7 @@ def selective_scan_chunked(u, delta, A, B, C, D=None, z=None, delta_bias=None, d
     B, C = _as_groups(B.float()), _as_groups(C.float())
     delta_bias = None if delta_bias is None else delta_bias.float()
     D = None if D is None else D.float()
-    inputs = [t for t in (u, delta, A, B, C, delta_bias, D) if t is not None]
-    if torch.is_grad_enabled() and any(t.requires_grad for t in inputs):
+    if _under_autograd(u, delta, A, B, C, delta_bias, D):
         out = _ChunkedScan.apply(u, _step_sizes(delta, delta_bias, delta_softplus), A, B, C)
         if D is not None:
             out = out + u * D[:, None]
@@ -337,9 +341,7 @@ def selective_scan_cpu(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta
     """The scan through models/scan_kernel_cpu.py; same contract as `selective_scan_ref`. What the kernel does not
     cover (autograd, the last state, shapes it does not take, no C compiler) runs `selective_scan_chunked`."""
     B, C = _as_groups(B), _as_groups(C)
-    inputs = [t for t in (u, delta, A, B, C, D, z, delta_bias) if t is not None]
-    needs_grad = torch.is_grad_enabled() and any(t.requires_grad for t in inputs)
-    if needs_grad or return_last_state or not kernel_takes(u, A, B):
+    if _under_autograd(u, delta, A, B, C, D, z, delta_bias) or return_last_state or not kernel_takes(u, A, B):
         return selective_scan_chunked(u, delta, A, B, C, D, z, delta_bias, delta_softplus, return_last_state)
     out = scan_forward_cpu(u.float(), delta.float(), A.float(), B.float(), C.float(), *(
         None if x is None else x.float() for x in (D, delta_bias)), delta_softplus)

@@ -36,17 +36,28 @@ def make_inputs(batch, groups, c, n, length, seed=0):
     )
 
 
-@pytest.mark.parametrize("shape", SHAPES)
+KERNEL_SHAPES = [  # the CPU kernel's: channel counts multiples of 8
+    (1, 4, 8, 16, 200),
+    (2, 0, 16, 4, 63),
+    (3, 2, 8, 3, 1),
+    (2, 4, 32, 8, 97),
+]
+FAST_SCANS = ([pytest.param(selective_scan_chunked, shape, 0, id=f"chunked-{shape}") for shape in SHAPES]
+              + [pytest.param(selective_scan_cpu, shape, 7, id=f"cpu-{shape}", marks=needs_kernel)
+                 for shape in KERNEL_SHAPES])
+
+
+@pytest.mark.parametrize("scan, shape, seed", FAST_SCANS)
 @pytest.mark.parametrize("options", [dict(delta_softplus=True), dict(delta_softplus=False, drop=("z", "D", "delta_bias"))])
-def test_chunked_matches_reference(shape, options):
-    inputs = make_inputs(*shape)
+def test_fast_scans_match_reference(scan, shape, seed, options):
+    inputs = make_inputs(*shape, seed=seed)
     options = dict(options)
     for k in options.pop("drop", ()):
         inputs[k] = None
     if not options.get("delta_softplus"):
         inputs["delta"] = inputs["delta"].abs()  # Δ must be positive without the softplus
     ref = selective_scan_ref(**inputs, **options)
-    fast = selective_scan_chunked(**inputs, **options)
+    fast = scan(**inputs, **options)
     assert fast.shape == ref.shape
     assert (fast - ref).abs().max().item() <= 1e-5 * max(1.0, ref.abs().max().item())
 
@@ -157,30 +168,6 @@ def test_cuda_without_mamba_ssm_warns_once_that_the_scan_is_slow():
 # ----------------------------------------------------------------------------------------------------------
 # The compiled CPU loop (models/scan_kernel_cpu.py)
 
-KERNEL_SHAPES = [  # batch, groups, channels per group, d_state, length: channel counts multiples of 8
-    (1, 4, 8, 16, 200),
-    (2, 0, 16, 4, 63),
-    (3, 2, 8, 3, 1),
-    (2, 4, 32, 8, 97),
-]
-
-
-@needs_kernel
-@pytest.mark.parametrize("shape", KERNEL_SHAPES)
-@pytest.mark.parametrize("options", [dict(delta_softplus=True), dict(delta_softplus=False, drop=("z", "D", "delta_bias"))])
-def test_cpu_kernel_matches_reference(shape, options):
-    inputs = make_inputs(*shape, seed=7)
-    options = dict(options)
-    for k in options.pop("drop", ()):
-        inputs[k] = None
-    if not options.get("delta_softplus"):
-        inputs["delta"] = inputs["delta"].abs()
-    ref = selective_scan_ref(**inputs, **options)
-    fast = selective_scan_cpu(**inputs, **options)
-    assert fast.shape == ref.shape
-    assert (fast - ref).abs().max().item() <= 1e-5 * max(1.0, ref.abs().max().item())
-
-
 @needs_kernel
 def test_cpu_kernel_handles_long_decays_and_time_major_views():
     """Large Δ|A| (exp underflows towards 0: the clamp at -87) and u, Δ as views of (L, batch, D) memory, as the
@@ -238,6 +225,10 @@ def test_cpu_backend_falls_back_to_the_chunked_scan_for_what_the_kernel_does_not
     inputs = make_inputs(2, 2, 5, 4, 40, seed=10)  # 10 channels
     assert torch.equal(selective_scan_cpu(**inputs, delta_softplus=True),
                        selective_scan_chunked(**inputs, delta_softplus=True))
+    with_last = make_inputs(1, 2, 8, 4, 30, seed=14)
+    for a, b in zip(selective_scan_cpu(**with_last, delta_softplus=True, return_last_state=True),
+                    selective_scan_chunked(**with_last, delta_softplus=True, return_last_state=True)):
+        assert torch.equal(a, b)
     grads = {k: v.requires_grad_() for k, v in make_inputs(1, 2, 8, 4, 30, seed=11).items()}
     out = selective_scan_cpu(**grads, delta_softplus=True)
     assert out.requires_grad
