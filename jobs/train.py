@@ -52,6 +52,9 @@ class Recipe:
     scale_range: tuple[float, float] = (1.0, 2.0)  # short side resized to crop × U(range) before cropping
     style_hue_jitter: float = 0.0        # share of style crops with hues turned at random (rotate_hues); off in
                                          # the shipped chain: measured, models/weights/MODEL_CARD.md
+    style_balance: str = "image"         # 'image': every style image alike; 'group': every source group alike
+                                         # (DATA/manifest.json's source_group), each image a share of its group's
+    style_group_weights: dict[str, float] = field(default_factory=dict)  # with 'group': a group's share × this
     lr: float = 5e-4
     lr_min: float = 5e-5                 # cosine decay to this
     warmup: int = 100
@@ -72,6 +75,8 @@ class Recipe:
     teacher_photo_share: float = 0.15    # share of those pairs whose style is another content photo
     teacher_share: float = 0.5           # share of each batch drawn from the distillation pairs
     weight_teacher: float = 0.0          # w_t
+    teacher_keep: float = 1.0            # share of the pairs trained on: those where the teacher carried the style
+                                         # best (teacher_style_ratios); 1 = all
     init: str = "mamba"                  # 'mamba' or 'official' (xavier everywhere, as the paper's code)
     init_from: str | None = None         # weights folder (e.g. an earlier run's final/) to start from instead
     seed: int = 777
@@ -91,13 +96,24 @@ class Recipe:
             recipe = cls(**raw)
         except TypeError as e:
             raise UserError(f"{path}: {e}") from None
-        for name in ("style_hue_jitter", "teacher_photo_share", "teacher_share"):
+        for name in ("style_hue_jitter", "teacher_photo_share", "teacher_share", "teacher_keep"):
             value = getattr(recipe, name)
             if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0.0 <= value <= 1.0:
                 raise UserError(f"{path}: {name} must be in [0, 1], got {value!r}")
         for name in ("steps", "batch_size", "crop", "teacher_pairs"):
             if not isinstance(getattr(recipe, name), int) or getattr(recipe, name) <= 0:
                 raise UserError(f"{path}: {name} must be a positive integer, got {getattr(recipe, name)!r}")
+        if recipe.teacher_keep <= 0:
+            raise UserError(f"{path}: teacher_keep must be in (0, 1], got {recipe.teacher_keep!r}")
+        if recipe.style_balance not in ("image", "group"):
+            raise UserError(f"{path}: style_balance must be 'image' or 'group', got {recipe.style_balance!r}")
+        if not isinstance(recipe.style_group_weights, dict) or any(
+                isinstance(w, bool) or not isinstance(w, (int, float)) or w < 0
+                for w in recipe.style_group_weights.values()):
+            raise UserError(f"{path}: style_group_weights must map source groups to weights >= 0, "
+                            f"got {recipe.style_group_weights!r}")
+        if recipe.style_group_weights and recipe.style_balance != "group":
+            raise UserError(f"{path}: style_group_weights needs style_balance: group")
         recipe.scale_range = tuple(recipe.scale_range)
         return recipe
 
@@ -144,17 +160,22 @@ class ImagePool:
                                     mode="bilinear", antialias=True, align_corners=False)[0].round().clamp(0, 255).byte()
             self.images.append(img)
         self.files = files
+        self.draw_weights: torch.Tensor | None = None  # None: every image alike (see balance_by_group)
 
     def __len__(self):
         return len(self.images)
+
+    def draw(self, g: torch.Generator) -> int:
+        if self.draw_weights is None:
+            return int(torch.randint(len(self.images), (1,), generator=g))
+        return int(torch.multinomial(self.draw_weights, 1, generator=g))
 
     def sample(self, n: int, crop: int, scale_range, g: torch.Generator, hue_jitter: float = 0.0) -> torch.Tensor:
         """n random crops (n, 3, crop, crop) in [0,1]: random image, random scale, random position, random flip;
         with `hue_jitter` > 0, that share of them with hues turned by a uniform random angle (`rotate_hues`)."""
         out = []
         for _ in range(n):
-            img = random_crop(self.images[int(torch.randint(len(self.images), (1,), generator=g))], crop,
-                              scale_range, g)
+            img = random_crop(self.images[self.draw(g)], crop, scale_range, g)
             if hue_jitter > 0:  # no draws otherwise: recipes without it repeat bit for bit
                 turn, angle = torch.rand(2, generator=g).tolist()
                 if turn < hue_jitter:
@@ -181,6 +202,32 @@ def random_crop(img: torch.Tensor, crop: int, scale_range, g: torch.Generator) -
     return img
 
 
+def group_draw_weights(groups: list[str], group_weights: dict[str, float]) -> torch.Tensor:
+    """Draw weights for items of the given source groups: each group's share ∝ its weight (1 unless named),
+    split evenly among its items. A weight for a group with no items is a typo in the recipe: refused."""
+    unknown = sorted(set(group_weights) - set(groups))
+    if unknown:
+        raise UserError(f"recipe: style_group_weights names {', '.join(unknown)}; the data's groups are "
+                        f"{', '.join(sorted(set(groups)))}")
+    counts = {name: groups.count(name) for name in set(groups)}
+    weights = torch.tensor([group_weights.get(name, 1.0) / counts[name] for name in groups], dtype=torch.float64)
+    if weights.sum() <= 0:
+        raise UserError("recipe: style_group_weights leaves no style to draw")
+    return weights / weights.sum()
+
+
+def style_groups(data: Path, files: list[Path]) -> list[str]:
+    """The source group of each style file, from DATA/manifest.json (`mambast data build` writes it)."""
+    manifest = data / "manifest.json"
+    if not manifest.exists():
+        raise UserError(f"{manifest}: missing; style_balance: group needs the source groups it lists")
+    group_of = {r["path"]: r["source_group"] for r in json.loads(manifest.read_text())["files"]}
+    missing = [f.relative_to(data).as_posix() for f in files if f.relative_to(data).as_posix() not in group_of]
+    if missing:
+        raise UserError(f"{manifest}: lists no source group for {missing[0]} ({len(missing)} file(s)); rebuild the data")
+    return [group_of[f.relative_to(data).as_posix()] for f in files]
+
+
 class TeacherPairPool:
     """Distillation pairs in memory: (content region + teacher output) stacked as one 6-channel uint8 tensor, and
     the style image each was made with. Sampled as aligned random crops of both, plus a random crop of the style."""
@@ -188,7 +235,9 @@ class TeacherPairPool:
     def __init__(self, pairs, style_images: dict[str, torch.Tensor]):
         self.stacked = [torch.from_numpy(np.concatenate([c, t], axis=2)).permute(2, 0, 1).contiguous()
                         for c, t, _ in pairs]
-        self.styles = [style_images[s] for _, _, s in pairs]
+        self.style_files = [s for _, _, s in pairs]
+        self.styles = [style_images[s] for s in self.style_files]
+        self.draw_weights: torch.Tensor | None = None  # None: every pair alike
 
     def __len__(self):
         return len(self.stacked)
@@ -198,7 +247,8 @@ class TeacherPairPool:
         crop and 384 on its side before cropping, so the crop sees the teacher's strokes at their own scale."""
         contents, targets, styles = [], [], []
         for _ in range(n):
-            i = int(torch.randint(len(self.stacked), (1,), generator=g))
+            i = (int(torch.randint(len(self.stacked), (1,), generator=g)) if self.draw_weights is None
+                 else int(torch.multinomial(self.draw_weights, 1, generator=g)))
             both = random_crop(self.stacked[i], crop, (1.0, self.stacked[i].shape[-1] / crop), g)
             contents.append(both[:3])
             targets.append(both[3:])
@@ -226,7 +276,11 @@ class Trainer:
         self.style = ImagePool(data / "style/train", max_short)
         self.val_content = ImagePool(data / "content/val", 256) if (data / "content/val").is_dir() else self.content
         self.val_style = ImagePool(data / "style/val", 256) if (data / "style/val").is_dir() else self.style
-        self.teacher_pool = self._teacher_pool(data) if r.teacher else None
+        self.group_of: dict[str, str] = {}  # style file (relative to DATA) -> source group, with style_balance: group
+        if r.style_balance == "group":
+            groups = style_groups(data, self.style.files)
+            self.group_of = {f.relative_to(data).as_posix(): g for f, g in zip(self.style.files, groups)}
+            self.style.draw_weights = group_draw_weights(groups, r.style_group_weights)
 
         torch.manual_seed(r.seed)  # DropPath draws from the global RNG
         self.model = MambaST(model_config(r.model)).to(self.device)
@@ -244,6 +298,7 @@ class Trainer:
             if net is not None and weights and len(weights) != len(net.taps):
                 raise UserError(f"recipe: {key} has {len(weights)} entries; {type(net).__name__} has "
                                 f"{len(net.taps)} taps ({', '.join(net.taps)})")
+        self.teacher_pool = self._teacher_pool(data) if r.teacher else None
         params = [p for n, p in self.model.named_parameters() if _trained(n)]
         self.opt = torch.optim.Adam(params, lr=r.lr)
         self.gen = torch.Generator().manual_seed(r.seed)
@@ -281,7 +336,17 @@ class Trainer:
                               seed=r.seed, photo_share=r.teacher_photo_share, threads=max(1, r.threads))
         style_images = {f.relative_to(data).as_posix(): img
                         for pool in (self.content, self.style) for f, img in zip(pool.files, pool.images)}
-        return TeacherPairPool(load_pairs(data, records), style_images)
+        pairs = load_pairs(data, records)
+        if r.teacher_keep < 1:
+            ratios = teacher_style_ratios(pairs, style_images, self.net, r.style_tap_weights)
+            kept = sorted(range(len(pairs)), key=lambda i: (ratios[i], i))[:max(1, round(r.teacher_keep * len(pairs)))]
+            pairs = [pairs[i] for i in sorted(kept)]
+        pool = TeacherPairPool(pairs, style_images)
+        if r.style_balance == "group":  # a photo as the style is a group of its own
+            groups = [self.group_of.get(s, "photo") for _, _, s in pairs]
+            pool.draw_weights = group_draw_weights(groups, {k: v for k, v in r.style_group_weights.items()
+                                                            if k in groups})
+        return pool
 
     def _start_from(self, weights: Path):
         start = load_model(weights)
@@ -411,6 +476,31 @@ class Trainer:
                     self.write_loss_plot()
         save_model(self.model, self.out / "final", meta={"recipe": _jsonable(asdict(r)), "steps": self.step})
         return self.out / "final"
+
+
+@torch.no_grad()
+def teacher_style_ratios(pairs, style_images: dict[str, torch.Tensor], net, tap_weights: list[float],
+                         size: int = 256) -> list[float]:
+    """How well the teacher carried each pair's style, on the training net: the style loss of its output over
+    the content region's (lower is better; 1 = no closer to the style than the photo was). Images at `size`."""
+    def features(img: torch.Tensor) -> list[torch.Tensor]:
+        h, w = img.shape[1:]
+        s = size / min(h, w)
+        x = F.interpolate(img[None].float() / 255, size=(max(size, round(h * s)), max(size, round(w * s))),
+                          mode="bilinear", antialias=True, align_corners=False)
+        return net.features(x.to(device))
+    device = next(net.parameters()).device
+    as_chw = lambda a: torch.tensor(a).permute(2, 0, 1)  # noqa: E731 (a copy: decoded arrays may be read-only)
+    style_feats: dict[str, list[torch.Tensor]] = {}
+    ratios = []
+    for content, target, style in tqdm(pairs, desc="teacher pairs: rating", unit="pair",
+                                       disable=bool(os.environ.get("MAMBAST_QUIET"))):
+        if style not in style_feats:
+            style_feats[style] = features(style_images[style])
+        f_s = style_feats[style]
+        ratios.append(float(weighted_style_loss(features(as_chw(target)), f_s, tap_weights)
+                            / weighted_style_loss(features(as_chw(content)), f_s, tap_weights).clamp_min(1e-12)))
+    return ratios
 
 
 def weighted_style_loss(feats_out, feats_style, tap_weights: list[float]) -> torch.Tensor:

@@ -107,3 +107,35 @@ def test_training_with_a_teacher_adds_its_loss_and_resumes_bit_for_bit(tmp_path,
     with pytest.raises(UserError, match="teacher_share must be in"):
         Recipe.load(bad)
 
+
+
+def test_teacher_keep_trains_on_the_pairs_where_the_teacher_carried_the_style_best(tmp_path, data):
+    """The rating is the teacher's style loss over the photo's, on the training net: a target that is the style
+    image scores far below 1, the photo itself exactly 1; teacher_keep keeps the best-rated share of the pairs."""
+    from jobs.train import teacher_style_ratios
+    from models.perceptual import load_perceptual
+    net = load_perceptual("mobilenet_v2")
+    photo, painting = painted(1), painted(2)
+    style_images = {"style/x.png": torch.tensor(painting).permute(2, 0, 1).contiguous()}
+    ratios = teacher_style_ratios([(photo, painting, "style/x.png"), (photo, photo, "style/x.png")], style_images,
+                                  net, [], size=64)
+    assert ratios[1] == pytest.approx(1.0) and ratios[0] < 0.2
+
+    model_yaml = tmp_path / "tiny.yaml"
+    model_yaml.write_text(yaml.safe_dump(TINY))
+    common = dict(model=str(model_yaml), data=str(data), steps=1, batch_size=2, crop=64, scale_range=(1.0, 1.2),
+                  warmup=1, threads=1, val_pairs=1, teacher="magenta", teacher_pairs=3, weight_teacher=2.0)
+    every = Trainer(Recipe(**common, out=str(tmp_path / "every")))
+    best = Trainer(Recipe(**common, out=str(tmp_path / "best"), teacher_keep=0.5))
+    assert len(every.teacher_pool) == 3 and len(best.teacher_pool) == 2
+    rated = teacher_style_ratios(
+        [(c.permute(1, 2, 0).numpy()[:, :, :3], c.permute(1, 2, 0).numpy()[:, :, 3:], s)
+         for c, s in zip(every.teacher_pool.stacked, every.teacher_pool.style_files)],
+        {s: img for s, img in zip(every.teacher_pool.style_files, every.teacher_pool.styles)}, every.net, [])
+    dropped = max(range(3), key=lambda i: rated[i])
+    kept = [t for i, t in enumerate(every.teacher_pool.stacked) if i != dropped]
+    assert all(torch.equal(a, b) for a, b in zip(kept, best.teacher_pool.stacked))
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(yaml.safe_dump({"teacher_keep": 0}))
+    with pytest.raises(UserError, match="teacher_keep must be in"):
+        Recipe.load(bad)

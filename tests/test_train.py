@@ -151,3 +151,36 @@ def test_shipped_recipes_load_and_name_their_start(path):
     assert len(recipe.style_tap_weights) in (0, len(net.taps))
     if recipe.second_style_net:
         assert len(recipe.second_style_tap_weights) in (0, len(load_perceptual(recipe.second_style_net).taps))
+
+
+def test_group_balance_draws_every_source_group_alike_times_its_weight(tmp_path, data):
+    """style_balance: group reads each style's source group from DATA/manifest.json: a group of one image is
+    drawn as often as a group of two, or three times as often at weight 3; a group the data lacks is refused."""
+    import json
+    import shutil
+    root = tmp_path / "grouped"
+    shutil.copytree(data, root)
+    groups = {"style/train/style0.png": "wesnoth", "style/train/style1.png": "wesnoth",
+              "style/train/style2.png": "gcompris"}
+    (root / "manifest.json").write_text(json.dumps({"files": [{"path": p, "source_group": g}
+                                                              for p, g in groups.items()]}))
+
+    def share_of_gcompris(**overrides) -> float:
+        trainer = Trainer(tiny_recipe(tmp_path, root, f"run{len(overrides)}", style_balance="group", **overrides))
+        g = torch.Generator().manual_seed(0)
+        draws = [trainer.style.files[trainer.style.draw(g)].name for _ in range(3000)]
+        return draws.count("style2.png") / len(draws)
+
+    assert share_of_gcompris() == pytest.approx(0.5, abs=0.03)
+    assert share_of_gcompris(style_group_weights={"gcompris": 3.0}) == pytest.approx(0.75, abs=0.03)
+    with pytest.raises(UserError, match="style_group_weights names krita; the data's groups are gcompris, wesnoth"):
+        Trainer(tiny_recipe(tmp_path, root, "typo", style_balance="group", style_group_weights={"krita": 2.0}))
+    with pytest.raises(UserError, match="manifest.json: missing"):
+        Trainer(tiny_recipe(tmp_path, data, "plain", style_balance="group"))
+    bad = tmp_path / "bad.yaml"
+    for doc, message in (({"style_balance": "source"}, "style_balance must be"),
+                         ({"style_group_weights": {"gcompris": 2.0}}, "needs style_balance: group"),
+                         ({"style_balance": "group", "style_group_weights": {"gcompris": -1}}, "weights >= 0")):
+        bad.write_text(yaml.safe_dump(doc))
+        with pytest.raises(UserError, match=message):
+            Recipe.load(bad)
