@@ -36,7 +36,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from models.mstd_readout import mstd_readout, resolve_readout_backend
-from models.selective_scan import read_out_states, resolve_backend, scan_states, selective_scan
+from models.scan_kernel_cpu import cross_kernels_take, cross_readout_cpu, cross_scan_forward_cpu
+from models.selective_scan import read_out_states, resolve_backend, scan_states, selective_scan, under_autograd
 
 
 PRECISIONS = ("fp32", "bf16")
@@ -142,14 +143,17 @@ class StyleLayerCode:
 
     Either the full state sequence (`states`, (1, L, K, N, d_inner) from `scan_states`, plus the D-skip `skip`),
     or the style-side scan inputs (`u`, `delta` already biased and soft-plussed, `B`), which models/mstd_readout.py
-    scans once per batch of frames and reads out for every frame: on CUDA with triton (its fused kernel keeps the
-    states in registers), or when the states would not fit the budget.
+    scans once per batch of frames and reads out for every frame: where a fused readout runs (Triton on CUDA, the
+    compiled loop on CPU: it keeps the states in registers), or when the states would not fit the budget. A blend
+    of codes of that second form is `mix`: its parts and weights, read out one by one and summed (the readout is
+    linear in the states and the skip, models/style_controls.py), with nothing of its own.
     """
-    skip: torch.Tensor                       # D ⊙ s, (1, K·d_inner, L)
+    skip: torch.Tensor | None = None         # D ⊙ s, (1, K·d_inner, L)
     states: torch.Tensor | None = None
     u: torch.Tensor | None = None
     delta: torch.Tensor | None = None
     B: torch.Tensor | None = None
+    mix: tuple[tuple[StyleLayerCode, float], ...] = ()
 
 
 class SS2D(nn.Module):
@@ -193,11 +197,47 @@ class SS2D(nn.Module):
         """Merge the K directions, out-norm, gate with SiLU(z), project. y (B, K·d_inner, L) -> (B, h, w, d)."""
         B = y.shape[0]
         y = cross_merge(y.view(B, self.K, -1, h * w), h, w)  # (B, L, d_inner)
-        y = self.out_norm(y.reshape(B, h, w, -1))
-        return self.out_proj(y * F.silu(z))
+        return self._gate_out(y.reshape(B, h, w, -1), z)
+
+    def _gate_out(self, y, z):  # merged (B, h, w, d_inner) -> out-norm, gate with SiLU(z), project
+        return self.out_proj(self.out_norm(y) * F.silu(z))
+
+    # --- CPU inference on the token grid: the four directions scanned in place by models/scan_kernel_cpu.py ---
+
+    def _on_token_grid(self, u) -> bool:
+        """Whether this call scans on the token grid: inference in fp32 on the CPU with the compiled loop. There
+        the directions are index maps inside the kernel, not copies (cross_scan's two copies and a flip, the
+        merge's flip and transpose, the projections' layout copies: at the official widths at 512² they took
+        more time than the scan); everything else, and the oracle for this path, cross-scans copies."""
+        cfg = self.cfg
+        return (u.device.type == "cpu" and u.dtype == torch.float32 and not torch.is_autocast_enabled("cpu")
+                and not under_autograd(u, *self.parameters()) and resolve_backend(cfg.scan_backend, u.device) == "cpu"
+                and cross_kernels_take(cfg.d_inner, cfg.d_state))
+
+    def _tokens(self, x):  # (B, h, w, d_inner) -> SiLU(DWConv3x3(x)) as (B, L, d_inner) tokens, row-major
+        B, h, w, di = x.shape
+        return self._conv(x).permute(0, 2, 3, 1).reshape(B, h * w, di)  # channels_last: a view
+
+    def _project_tokens(self, tokens, weight):  # (B, L, d_inner), (K, c, d_inner) -> (B, L, K, c), per token
+        di = tokens.shape[-1]
+        return (tokens.reshape(-1, di) @ weight.reshape(-1, di).t()).view(*tokens.shape[:2], self.K, -1)
+
+    def _forward_on_grid(self, u):
+        B, h, w, _ = u.shape
+        cfg, K = self.cfg, self.K
+        x, z = self.in_proj(u).chunk(2, dim=-1)
+        tokens = self._tokens(x)
+        proj = self._project_tokens(tokens, self.x_proj_weight)  # (B, L, K, δ | B | C)
+        dts = proj.view(B * h * w, K, -1)[:, :, :cfg.dt_rank].transpose(0, 1)  # (K, B·L, r)
+        delta = torch.bmm(dts, self.dt_projs_weight.transpose(1, 2)).view(K, B, h * w, -1)  # before bias, softplus
+        y = cross_scan_forward_cpu(tokens, delta, -torch.exp(self.A_logs), proj, self.Ds, self.dt_projs_bias.flatten(),
+                                   (h, w), b_off=cfg.dt_rank, c_off=cfg.dt_rank + cfg.d_state)  # (B, L, K, d_inner)
+        return self._gate_out(y.sum(2).view(B, h, w, -1), z)
 
     def forward(self, u, style=None):
         """u: (B, h, w, d) normed content tokens; style: (B, h, w, d) shuffled style tokens (cross only)."""
+        if not self.cross and self._on_token_grid(u):
+            return self._forward_on_grid(u)
         B, h, w, _ = u.shape
         cfg, A = self.cfg, -torch.exp(self.A_logs.float())
         x, z = self.in_proj(u).chunk(2, dim=-1)
@@ -236,14 +276,35 @@ class SS2D(nn.Module):
         """Content side of the ST-VSSM for a batch of frames, reading the style from `code`."""
         B, h, w, _ = u.shape
         x, z = self.in_proj(u).chunk(2, dim=-1)
+        A = -torch.exp(self.A_logs.float())
+        if code.states is None and self._on_token_grid(u):
+            Cs = self._project_tokens(self._tokens(x), self.x_proj_weight)  # (B, L, K, N)
+            y = _mixed(code, lambda part: cross_readout_cpu(part.u, part.delta, A, part.B, Cs, part.skip, (h, w)))
+            return self._gate_out(y.sum(2).view(B, h, w, -1), z)
         xs = cross_scan(self._conv(x))
         Cs = self._project(xs, self.x_proj_weight).float()  # (B, K, N, L)
         if code.states is not None:
             y = read_out_states(code.states, Cs, skip=code.skip)
         else:
-            y = mstd_readout(code.u, code.delta, -torch.exp(self.A_logs.float()), code.B, Cs, skip=code.skip,
-                             backend="ref" if self.cfg.scan_backend == "ref" else "auto")
+            y = _mixed(code, lambda part: mstd_readout(part.u, part.delta, A, part.B, Cs, skip=part.skip,
+                                                       backend=readout_backend(self.cfg.scan_backend)))
         return self._finish(y.to(u.dtype), z, h, w)
+
+
+def _mixed(code: StyleLayerCode, read_out) -> torch.Tensor:
+    """read_out(code), or for a blend Σ_i w_i read_out(part_i), its parts' weights in order."""
+    if not code.mix:
+        return read_out(code)
+    y = None
+    for part, weight in code.mix:
+        y = read_out(part).mul_(weight) if y is None else y.add_(read_out(part), alpha=weight)
+    return y
+
+
+def readout_backend(scan_backend: str) -> str:
+    """The MSTD readout's backend (models/mstd_readout.py) for the model's scan backend: the same torch or CPU path
+    when one is forced, else 'auto' (mamba-ssm's plain scan has no readout: on CUDA 'auto' picks Triton)."""
+    return scan_backend if scan_backend in ("ref", "chunked", "cpu") else "auto"
 
 
 class VSSBlock(nn.Module):
@@ -429,11 +490,13 @@ class MambaST(nn.Module):
         return (max(-(-height // p), 2), max(-(-width // p), 2))
 
     def _keep_states(self, grid, device) -> bool:
-        """'auto': no state cache on CUDA with triton (the fused readout recomputes the states in registers, at
-        any size); elsewhere the cache when it fits the budget (on CPU its readout beats rescanning per batch)."""
+        """'auto': no state cache where a fused readout runs (Triton on CUDA, the compiled loop on CPU: they
+        recompute the states in registers at any size; at the official widths at 512² the compiled loop reads a
+        batch of 2 out in 0.33 s per layer, the cache one frame in 0.30 s and two in 0.6-0.9 s, from 1 GiB per
+        layer); with the torch readout the cache when it fits the budget (it beats rescanning per batch)."""
         if self.cfg.style_cache != "auto":
             return self.cfg.style_cache == "states"
-        if resolve_readout_backend("auto", device) == "triton":
+        if resolve_readout_backend(readout_backend(self.cfg.scan_backend), device) in ("triton", "cpu"):
             return False
         L = grid[0] * grid[1]
         nbytes = self.cfg.n_decoder_layers * L * SS2D.K * self.cfg.d_inner * self.cfg.d_state * 4

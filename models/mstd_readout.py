@@ -30,7 +30,11 @@ work) are the two obvious ways; this module does neither. Backends, all inferenc
   atomic adds, whose order, hence bits, vary run to run), and the gate comes after a LayerNorm over all d_inner
   channels of a token, which spans programs.
 
-`mstd_readout(..., backend="auto")` picks 'triton' for CUDA tensors when triton imports, else 'chunked'.
+- `mstd_readout_cpu`: the same walk as the Triton kernel, compiled for the CPU (models/scan_kernel_cpu.py): per
+  block of 8 channels the states stay in registers and each frame's y_t is written at step t.
+
+`mstd_readout(..., backend="auto")` picks 'triton' for CUDA tensors when triton imports, 'cpu' for CPU tensors
+when the C loop builds, else 'chunked'.
 triton is imported on first use only, so this module imports without it (`pip install 'mambast-video[triton]'`).
 'triton' can be forced on CPU tensors under TRITON_INTERPRET=1 (set before triton is imported), which is how the
 tests run the kernel without a GPU.
@@ -49,12 +53,13 @@ import os
 
 import torch
 
+from models.scan_kernel_cpu import kernel_takes, readout_forward_cpu, readout_kernel
 from models.selective_scan import selective_scan_ref, without_autocast
 
 CHUNK = 16  # time steps per chunk of `mstd_readout_chunked`: (CHUNK, Dch, N) fp32 is 4 MB at Dch=4096, N=16
 FRAME_TILE = 4  # frames read out together: one matmul (torch) or one program (Triton) per tile, the last padded
 BLOCK_D = 32  # most channels per Triton program (fewer when a group has fewer)
-BACKENDS = ("ref", "chunked", "triton")
+BACKENDS = ("ref", "chunked", "triton", "cpu")
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -269,9 +274,12 @@ def _next_power_of_2(x: int) -> int:
 
 
 def resolve_readout_backend(name: str, device: torch.device | str) -> str:
-    """'auto' -> 'triton' for CUDA tensors when triton imports, else 'chunked'."""
+    """'auto' -> 'triton' for CUDA tensors when triton imports, 'cpu' for CPU tensors when the compiled loop
+    builds, else 'chunked'."""
     if name == "auto":
-        return "triton" if torch.device(device).type == "cuda" and triton_available() else "chunked"
+        if torch.device(device).type == "cuda":
+            return "triton" if triton_available() else "chunked"
+        return "cpu" if readout_kernel() is not None else "chunked"
     if name not in BACKENDS:
         raise ValueError(f"unknown mstd_readout backend {name!r}; choose one of auto, {', '.join(BACKENDS)}")
     return name
@@ -280,5 +288,18 @@ def resolve_readout_backend(name: str, device: torch.device | str) -> str:
 @without_autocast  # the states stay fp32 inside a bf16 autocast region (models/mambast.py precision)
 def mstd_readout(u, delta, A, B, C, skip=None, backend: str = "auto"):
     """y_b,t = ⟨C_b,t, h_t⟩ (+ skip) for every frame b, h_t the one style's states: (batch, Dch, L) fp32."""
-    fn = {"ref": mstd_readout_ref, "chunked": mstd_readout_chunked, "triton": mstd_readout_triton}
+    fn = {"ref": mstd_readout_ref, "chunked": mstd_readout_chunked, "triton": mstd_readout_triton,
+          "cpu": mstd_readout_cpu}
     return fn[resolve_readout_backend(backend, u.device)](u, delta, A, B, C, skip)
+
+
+@torch.no_grad()
+def mstd_readout_cpu(u, delta, A, B, C, skip=None):
+    """Same contract as `mstd_readout_ref`, in the compiled CPU loop (models/scan_kernel_cpu.py): per block of 8
+    channels the style's states live in registers and every frame of the batch reads them out at each step.
+    Shapes it does not take (channels not in blocks of 8 per group, N > 64) run `mstd_readout_chunked`."""
+    _check_shapes(u, delta, A, B, C, skip)
+    B, C = _as_groups(B), _as_groups(C)
+    if u.device.type != "cpu" or not kernel_takes(u, A, B):
+        return mstd_readout_chunked(u, delta, A, B, C, skip)
+    return readout_forward_cpu(u, delta, A, B, C, skip)

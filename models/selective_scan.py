@@ -110,7 +110,7 @@ def _expand_groups(M, dim):
 # Our fast scan
 
 
-def _under_autograd(*tensors) -> bool:
+def under_autograd(*tensors) -> bool:
     """Whether a result of these (None allowed) needs a backward pass."""
     return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
 
@@ -266,7 +266,7 @@ def selective_scan_chunked(u, delta, A, B, C, D=None, z=None, delta_bias=None, d
     B, C = _as_groups(B.float()), _as_groups(C.float())
     delta_bias = None if delta_bias is None else delta_bias.float()
     D = None if D is None else D.float()
-    if _under_autograd(u, delta, A, B, C, delta_bias, D):
+    if under_autograd(u, delta, A, B, C, delta_bias, D):
         out = _ChunkedScan.apply(u, _step_sizes(delta, delta_bias, delta_softplus), A, B, C)
         if D is not None:
             out = out + u * D[:, None]
@@ -341,7 +341,7 @@ def selective_scan_cpu(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta
     """The scan through models/scan_kernel_cpu.py; same contract as `selective_scan_ref`. What the kernel does not
     cover (autograd, the last state, shapes it does not take, no C compiler) runs `selective_scan_chunked`."""
     B, C = _as_groups(B), _as_groups(C)
-    if _under_autograd(u, delta, A, B, C, D, z, delta_bias) or return_last_state or not kernel_takes(u, A, B):
+    if under_autograd(u, delta, A, B, C, D, z, delta_bias) or return_last_state or not kernel_takes(u, A, B):
         return selective_scan_chunked(u, delta, A, B, C, D, z, delta_bias, delta_softplus, return_last_state)
     out = scan_forward_cpu(u.float(), delta.float(), A.float(), B.float(), C.float(), *(
         None if x is None else x.float() for x in (D, delta_bias)), delta_softplus)

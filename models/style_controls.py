@@ -32,9 +32,10 @@ Within an MSTD layer the readout is linear in the cached state sequence and the 
 so a code whose states and skips are the weighted sums reads out, in every layer, the weighted mean of what each
 style alone would give that layer, before the layer's norm and gate; the next layers then see one coherent
 token map. This is exact (weights (1, 0) give the first style bit for bit), needs no re-scan, and costs one
-weighted sum of the states, cheap enough to redo for every frame of a morph. Codes in the projection form (the
-states did not fit `MambaSTConfig.state_cache_gb`) are not linear in u, Δ, B; for those the style-encoder
-tokens are mixed instead and re-encoded (`MambaST.style_code_from_tokens`), a full style scan per mix.
+weighted sum of the states, cheap enough to redo for every frame of a morph. Codes in the scan-input form (no
+state cache: the fused readouts on CPU and CUDA, or states beyond `MambaSTConfig.state_cache_gb`) keep the same
+arithmetic without the states: the blend holds its parts and weights (`StyleLayerCode.mix`), and each layer reads
+every part out and sums Σ_i w_i y_i, one readout per style with a non-zero weight.
 
     >>> a, b = model.encode_style(starry, grid), model.encode_style(wave, grid)
     >>> code = mix_style_codes(model, [a, b], [0.7, 0.3])       # weights >= 0, normalised to sum 1
@@ -173,11 +174,16 @@ def mix_style_codes(model: MambaST, codes: Sequence[StyleCode], weights: Sequenc
         if w == 1.0:
             return code
     tokens = _weighted_sum([c.tokens for c in codes], weights)
-    if not all(layer.states is not None for code in codes for layer in code.layers):
-        return model.style_code_from_tokens(tokens, first.seed)
-    layers = [StyleLayerCode(skip=_weighted_sum([c.layers[i].skip for c in codes], weights),
-                             states=_weighted_sum([c.layers[i].states for c in codes], weights))
-              for i in range(len(first.layers))]
+    if all(layer.states is not None for code in codes for layer in code.layers):
+        layers = [StyleLayerCode(skip=_weighted_sum([c.layers[i].skip for c in codes], weights),
+                                 states=_weighted_sum([c.layers[i].states for c in codes], weights))
+                  for i in range(len(first.layers))]
+    elif any(layer.states is not None for code in codes for layer in code.layers):
+        raise ValueError("blend: style codes of both forms (states and scan inputs); encode them with one model")
+    else:  # read out part by part (a blend of blends is flattened into its parts)
+        layers = [StyleLayerCode(mix=tuple((part, w * part_w) for c, w in zip(codes, weights) if w > 0
+                                           for part, part_w in (c.layers[i].mix or ((c.layers[i], 1.0),))))
+                  for i in range(len(first.layers))]
     return StyleCode(grid=first.grid, seed=first.seed, tokens=tokens, perms=first.perms, layers=layers)
 
 

@@ -258,8 +258,10 @@ class StyleCodes:
 
 
 def _nbytes(code: StyleCode) -> int:
-    tensors = [code.tokens] + [t for layer in code.layers for t in (layer.skip, layer.states, layer.u, layer.delta,
-                                                                    layer.B) if t is not None]
+    """Bytes a code keeps alive; a blend's parts count too (they stay alive while it does)."""
+    layers = [part for layer in code.layers for part in ([layer] + [p for p, _ in layer.mix])]
+    tensors = [code.tokens] + [t for layer in layers for t in (layer.skip, layer.states, layer.u, layer.delta, layer.B)
+                               if t is not None]
     return sum(t.numel() * t.element_size() for t in tensors)
 
 

@@ -220,3 +220,45 @@ def test_model_bench_times_a_git_revision_side_by_side(capsys):
     assert main(["bench", "model", "--config", "small", "--size", "32", "--paths", "cached",
                  "--baseline", "no-such-rev"]) == 2
     assert capsys.readouterr().err.startswith("mambast: error: --baseline 'no-such-rev': ")
+
+
+@pytest.mark.parametrize("h, w, batch", [(5, 7, 3), (2, 2, 1), (8, 3, 2), (1, 9, 1)])
+def test_token_grid_scan_equals_the_cross_scanned_one(h, w, batch):
+    """On the CPU in inference the SS2D scans its four directions on the token grid (models/scan_kernel_cpu.py:
+    index maps instead of cross_scan's copies, the merge a sum); the cross-scanning path with the reference scan
+    is its oracle, for the encoders' plain SS2D and the MSTD's cached readout."""
+    from models.scan_kernel_cpu import cross_kernels
+    if cross_kernels() is None:
+        pytest.skip("no C compiler: the compiled loop is not built")
+    model = tiny_model(style_cache="projections")
+    plain = model.mamba.encoder_c.layers[0].self_attention
+    cross = model.mamba.decoder.layers[0].self_attention
+    g = torch.Generator().manual_seed(h * w)
+    u, style = torch.randn(batch, h, w, TINY["d_model"], generator=g), torch.randn(1, h, w, TINY["d_model"], generator=g)
+    with torch.no_grad():
+        assert plain._on_token_grid(u)
+        code = cross.encode_style(style, keep_states=False)
+        on_grid = plain(u), cross.forward_cached(u, code)
+        model.cfg.scan_backend = "ref"
+        assert not plain._on_token_grid(u)
+        reference = plain(u), cross.forward_cached(u, code)
+    for fast, ref in zip(on_grid, reference):
+        assert fast.shape == ref.shape == (batch, h, w, TINY["d_model"])
+        assert (fast - ref).abs().max() <= 1e-5 * ref.abs().max()
+    model.cfg.scan_backend = "auto"
+    assert not plain._on_token_grid(u.requires_grad_())  # training takes the cross-scanning path (autograd)
+
+
+def test_frames_do_not_depend_on_the_thread_count_bit_for_bit():
+    model = tiny_model()
+    content = frames(2, 40, 24)
+    code = model.encode_style(frames(1, 40, 24, seed=3), model.token_grid(40, 24), seed=0)
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        one = model.stylize_tokens(content, code)[0]
+        torch.set_num_threads(2)
+        two = model.stylize_tokens(content, code)[0]
+    finally:
+        torch.set_num_threads(threads)
+    assert torch.equal(one, two)

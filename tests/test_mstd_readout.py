@@ -14,9 +14,15 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from models.mstd_readout import (FRAME_TILE, mstd_readout, mstd_readout_chunked, mstd_readout_ref,
+from models.mstd_readout import (FRAME_TILE, mstd_readout, mstd_readout_chunked, mstd_readout_cpu, mstd_readout_ref,
                                  resolve_readout_backend)
+from models.scan_kernel_cpu import readout_kernel, scan_forward_cpu
 from models.selective_scan import read_out_states, scan_states, selective_scan_ref
+
+needs_compiler = pytest.mark.skipif(readout_kernel() is None, reason="no C compiler: the compiled loop is not built")
+# the torch path, and the compiled CPU loop (which takes blocks of 8 channels per group; other shapes fall back)
+READOUTS = [pytest.param(mstd_readout_chunked, id="chunked"),
+            pytest.param(mstd_readout_cpu, id="cpu", marks=needs_compiler)]
 
 TOLERANCE = 1e-4  # max abs error against the oracle
 
@@ -26,6 +32,9 @@ SHAPES = [  # groups (0 = ungrouped 3-D B/C), channels per group, d_state, lengt
     (4, 6, 16, 64, 6),  # L exactly one chunk; two frame tiles, the second padded
     (0, 5, 3, 63, 2),
     (2, 3, 5, 1, 1),
+    (4, 16, 16, 130, 5),  # the compiled loop's shapes: blocks of 8 channels in every group
+    (2, 8, 3, 77, 9),
+    (0, 24, 16, 40, 2),
 ]
 
 
@@ -60,13 +69,14 @@ def test_reference_is_the_per_frame_scan(shape):
         assert max_err(y[b:b + 1], one) <= TOLERANCE
 
 
+@pytest.mark.parametrize("readout", READOUTS)
 @pytest.mark.parametrize("skip", [True, False])
 @pytest.mark.parametrize("shape", SHAPES)
-def test_chunked_matches_reference(shape, skip):
+def test_fast_paths_match_reference(shape, skip, readout):
     inputs, _ = make_inputs(*shape)
     if not skip:
         inputs["skip"] = None
-    y = mstd_readout_chunked(**inputs)
+    y = readout(**inputs)
     assert y.permute(2, 0, 1).is_contiguous()  # time-major memory
     assert max_err(y, mstd_readout_ref(**inputs)) <= TOLERANCE
 
@@ -80,16 +90,34 @@ def test_chunked_matches_the_state_cache(shape):
     assert max_err(mstd_readout_chunked(**inputs), cached) <= TOLERANCE
 
 
-def test_frames_do_not_depend_on_their_batch_companions():
+@pytest.mark.parametrize("readout", READOUTS)
+def test_frames_do_not_depend_on_their_batch_companions(readout):
     """Bit for bit: a frame alone, in a batch of 7 (two tiles, the second padded) and at another place in it."""
     inputs, _ = make_inputs(4, 8, 16, 150, 7)
     C = inputs.pop("C")
-    together = mstd_readout_chunked(C=C, **inputs)
-    alone = torch.cat([mstd_readout_chunked(C=C[b:b + 1], **inputs) for b in range(7)])
+    together = readout(C=C, **inputs)
+    alone = torch.cat([readout(C=C[b:b + 1], **inputs) for b in range(7)])
     order = torch.tensor([6, 2, 4, 0, 5, 1, 3])
-    shuffled = mstd_readout_chunked(C=C[order], **inputs)
+    shuffled = readout(C=C[order], **inputs)
     assert torch.equal(together, alone)
     assert torch.equal(together[order], shuffled)
+
+
+@needs_compiler
+def test_compiled_readout_is_the_compiled_scan_of_each_frame_bit_for_bit():
+    """The compiled readout runs scan_forward's operations for the one style: each frame's y equals the compiled
+    scan's with the style expanded to it, to the last bit, and does not depend on the thread count."""
+    inputs, D = make_inputs(4, 16, 16, 130, 3)
+    y = mstd_readout_cpu(**inputs)
+    for b in range(3):
+        one = scan_forward_cpu(inputs["u"], inputs["delta"], inputs["A"], inputs["B"], inputs["C"][b:b + 1], D)
+        assert torch.equal(y[b:b + 1], one)
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        assert torch.equal(mstd_readout_cpu(**inputs), y)
+    finally:
+        torch.set_num_threads(threads)
 
 
 @pytest.mark.parametrize("name, change, message", [
@@ -103,17 +131,18 @@ def test_frames_do_not_depend_on_their_batch_companions():
 def test_bad_shapes_are_named(name, change, message):
     inputs, _ = make_inputs(4, 8, 16, 20, 3)
     inputs[name] = change(inputs)
-    for backend in ("ref", "chunked"):
+    for backend in ("ref", "chunked", "cpu"):
         with pytest.raises(ValueError, match=message):
             mstd_readout(**inputs, backend=backend)
 
 
 def test_backend_choice(monkeypatch):
-    assert resolve_readout_backend("auto", "cpu") == "chunked"
+    assert resolve_readout_backend("auto", "cpu") == ("chunked" if readout_kernel() is None else "cpu")
     with pytest.raises(ValueError, match="unknown mstd_readout backend 'fast'"):
         resolve_readout_backend("fast", "cpu")
     inputs, _ = make_inputs(4, 8, 16, 20, 3)
-    assert torch.equal(mstd_readout(**inputs), mstd_readout_chunked(**inputs))
+    assert torch.equal(mstd_readout(**inputs, backend="chunked"), mstd_readout_chunked(**inputs))
+    assert torch.equal(mstd_readout(**inputs), mstd_readout(**inputs, backend=resolve_readout_backend("auto", "cpu")))
     assert torch.equal(mstd_readout(**inputs, backend="ref"), mstd_readout_ref(**inputs))
     monkeypatch.delenv("TRITON_INTERPRET", raising=False)
     with pytest.raises(RuntimeError, match="backend 'triton'"):  # no triton, or CPU tensors without the interpreter

@@ -165,14 +165,31 @@ def test_blend_mixes_the_cached_states_and_every_layer_reads_out_the_mix(styles)
     assert mixed.perms is a.perms and mixed.grid == grid
 
 
-def test_blend_of_projection_codes_mixes_the_style_tokens(styles):
+def test_blend_of_scan_input_codes_reads_every_part_out_as_the_state_mix_does(styles):
+    """Without a state cache (the CPU's and CUDA's fused readouts) a blend keeps its parts and weights and sums
+    their readouts: the same frames as mixing the cached states, a blend of blends flattened into its parts."""
     model = tiny_model(style_cache="projections")
     codes = StyleCodes(model)
     a, b = codes.code(styles[0], (6, 8)), codes.code(styles[1], (6, 8))
     mixed = mix_style_codes(model, [a, b], [0.5, 0.5])
     assert torch.allclose(mixed.tokens, 0.5 * a.tokens + 0.5 * b.tokens)
-    assert mixed.layers[0].states is None and mixed.layers[0].u is not None
+    assert [(part, w) for part, w in mixed.layers[0].mix] == [(a.layers[0], 0.5), (b.layers[0], 0.5)]
+    assert mixed.layers[0].states is None and mixed.layers[0].u is None
     assert mix_style_codes(model, [a, b], [0, 2]) is b
+    nested = mix_style_codes(model, [mixed, a], [1, 1])
+    assert [w for _, w in nested.layers[-1].mix] == [0.25, 0.25, 0.5] and nested.layers[-1].mix[2][0] is a.layers[-1]
+
+    frame = torch.rand(2, 3, 48, 64, generator=torch.Generator().manual_seed(0))
+    model.cfg.style_cache = "states"
+    state_codes = StyleCodes(model)
+    state_mix = mix_style_codes(model, [state_codes.code(s, (6, 8)) for s in styles], [0.5, 0.5])
+    expected = model.stylize_tokens(frame, state_mix)[0]
+    model.cfg.style_cache = "projections"
+    assert (model.stylize_tokens(frame, mixed)[0] - expected).abs().max() <= 1e-5
+    model.cfg.scan_backend = "chunked"  # the cross-scanning path (CUDA's, with the torch readout here)
+    assert (model.stylize_tokens(frame, mixed)[0] - expected).abs().max() <= 1e-5
+    with pytest.raises(ValueError, match="both forms"):
+        mix_style_codes(model, [a, state_codes.code(styles[1], (6, 8))], [1, 1])
 
 
 def test_blend_weights_are_checked_and_normalised(model, styles):
@@ -250,8 +267,8 @@ def test_schedule_at_a_keyframe_is_that_style_alone(model, styles):
     assert schedule.code_at(8, codes, grid) is codes.code(b, grid)
     mid = schedule.code_at(4, codes, grid)  # smoothstep(0.5) = 0.5: the equal blend, mixed from the cached codes
     blend = codes.code(StyleBlend.of([a, b], [1, 1]), grid)
-    for lm, lb in zip(mid.layers, blend.layers):
-        assert (lm.states - lb.states).abs().max().item() <= 1e-6
+    frame = torch.rand(1, 3, 8 * grid[0], 8 * grid[1], generator=torch.Generator().manual_seed(0))
+    assert (model.stylize_tokens(frame, mid)[0] - model.stylize_tokens(frame, blend)[0]).abs().max() <= 1e-6
     assert schedule.code_at(16, codes, grid) is blend
     assert schedule.code_at(4, codes, grid) is mid  # a repeated frame is not mixed again
     assert len(codes) == 3  # a, b and their blend: one encode per keyframe style
