@@ -36,7 +36,7 @@ from pathlib import Path
 import torch
 
 CHANNEL_BLOCK = 8  # channels a loop iteration carries (one AVX2 vector); D and D / G must be multiples of it
-MAX_STATES = 64    # N at most (the states of a tile of blocks live in a stack array)
+MAX_STATES = 64    # N at most (the states of a block live in a stack array)
 
 SOURCE = r"""
 #include <stdint.h>
@@ -107,13 +107,30 @@ static inline f8 softplus(f8 x) {
     return select(positive, x, splat(0.0f)) + log1p_unit(exp_clamped(-magnitude));
 }
 
-/* The loops below walk a tile of up to TB adjacent blocks together, step by step: each step reads TB·CB contiguous
-   channels of every operand (512 bytes) instead of CB (a 32-byte piece of a new page per step: the operands are
-   time-major, D floats apart), and the tile's states (TB·N vectors, 16 KB at N = 16) stay in the L1 cache.
-   Every channel still sees the same operations in the same order, so the bits do not depend on the tiling. */
-#define TB 16
+/* A block's decay rates a = A log2(e) (the decay is 2^(Δ a)), CB channels from d0, and zero states. */
+static inline void start_block(f8 *a, f8 *h, const float *A, int64_t d0, int64_t N) {
+    for (int64_t n = 0; n < N; n++) {
+        float column[CB];
+        for (int i = 0; i < CB; i++)
+            column[i] = A[(d0 + i) * N + n];
+        a[n] = load(column) * LOG2E;
+        h[n] = splat(0.0f);
+    }
+}
 
-static inline int64_t min64(int64_t a, int64_t b) { return a < b ? a : b; }
+/* h_t = exp(Δ_t A) ⊙ h_{t-1} + Δ_t u_t B_t, with du = Δ_t u_t */
+static inline void update_states(f8 *h, const f8 *a, f8 dt, f8 du, const float *Bt, int64_t N) {
+    for (int64_t n = 0; n < N; n++)
+        h[n] = exp2_clamped(dt * a[n]) * h[n] + du * Bt[n];
+}
+
+/* ⟨C_t, h_t⟩, summed over n in order */
+static inline f8 read_states(const float *Ct, const f8 *h, int64_t N) {
+    f8 out = splat(0.0f);
+    for (int64_t n = 0; n < N; n++)
+        out = out + Ct[n] * h[n];
+    return out;
+}
 
 /* Time-major operands: u, delta, y (L, batch, D); B, C (L, batch, G, N); A (D, N); skip and bias (D) or NULL.
    Δ = delta (+ bias) (through the softplus when asked). Blocks [first, last) of CB channels, numbered frame-major:
@@ -122,39 +139,22 @@ void scan_forward(const float *u, const float *delta, const float *A, const floa
                   const float *skip, const float *bias, int32_t delta_softplus, float *y, int64_t L, int64_t batch,
                   int64_t D, int64_t G, int64_t N, int64_t first, int64_t last) {
     const int64_t per_frame = D / CB, per_group = D / G;
-    f8 a[TB * MAXN], h[TB * MAXN];
-    for (int64_t tile = first; tile < last;) {
-        const int64_t b = tile / per_frame, first_d = (tile % per_frame) * CB;
-        const int64_t blocks = min64(min64(TB, last - tile), per_frame - tile % per_frame);  /* one frame's */
-        for (int64_t j = 0; j < blocks; j++)
-            for (int64_t n = 0; n < N; n++) {
-                float column[CB];
-                for (int i = 0; i < CB; i++)
-                    column[i] = A[(first_d + j * CB + i) * N + n];
-                a[j * N + n] = load(column) * LOG2E;
-                h[j * N + n] = splat(0.0f);
-            }
+    f8 a[MAXN], h[MAXN];
+    for (int64_t block = first; block < last; block++) {
+        const int64_t b = block / per_frame, d0 = block % per_frame * CB, g = d0 / per_group;
+        start_block(a, h, A, d0, N);
         for (int64_t t = 0; t < L; t++) {
             const int64_t row = t * batch + b;
-            for (int64_t j = 0; j < blocks; j++) {
-                const int64_t d0 = first_d + j * CB, g = d0 / per_group;
-                f8 dtt = load(delta + row * D + d0);
-                if (bias)
-                    dtt = dtt + load(bias + d0);
-                if (delta_softplus)
-                    dtt = softplus(dtt);
-                const f8 ut = load(u + row * D + d0), du = dtt * ut;
-                const float *Bt = B + (row * G + g) * N, *Ct = C + (row * G + g) * N;
-                f8 *aj = a + j * N, *hj = h + j * N;
-                f8 out = splat(0.0f);
-                for (int64_t n = 0; n < N; n++) {
-                    hj[n] = exp2_clamped(dtt * aj[n]) * hj[n] + du * Bt[n];
-                    out = out + Ct[n] * hj[n];
-                }
-                store(y + row * D + d0, skip ? out + load(skip + d0) * ut : out);
-            }
+            f8 dt = load(delta + row * D + d0);
+            if (bias)
+                dt = dt + load(bias + d0);
+            if (delta_softplus)
+                dt = softplus(dt);
+            const f8 ut = load(u + row * D + d0);
+            update_states(h, a, dt, dt * ut, B + (row * G + g) * N, N);
+            const f8 out = read_states(C + (row * G + g) * N, h, N);
+            store(y + row * D + d0, skip ? out + load(skip + d0) * ut : out);
         }
-        tile += blocks;
     }
 }
 
@@ -166,36 +166,19 @@ void mstd_readout(const float *u, const float *delta, const float *A, const floa
                   const float *skip, float *y, int64_t L, int64_t batch, int64_t D, int64_t G, int64_t N,
                   int64_t first, int64_t last) {
     const int64_t per_group = D / G;
-    f8 a[TB * MAXN], h[TB * MAXN];
-    for (int64_t tile = first; tile < last;) {
-        const int64_t first_d = tile * CB, blocks = min64(TB, last - tile);
-        for (int64_t j = 0; j < blocks; j++)
-            for (int64_t n = 0; n < N; n++) {
-                float column[CB];
-                for (int i = 0; i < CB; i++)
-                    column[i] = A[(first_d + j * CB + i) * N + n];
-                a[j * N + n] = load(column) * LOG2E;
-                h[j * N + n] = splat(0.0f);
-            }
+    f8 a[MAXN], h[MAXN];
+    for (int64_t block = first; block < last; block++) {
+        const int64_t d0 = block * CB, g = d0 / per_group;
+        start_block(a, h, A, d0, N);
         for (int64_t t = 0; t < L; t++) {
-            for (int64_t j = 0; j < blocks; j++) {
-                const int64_t d0 = first_d + j * CB, g = d0 / per_group;
-                const f8 dtt = load(delta + t * D + d0), du = dtt * load(u + t * D + d0);
-                const float *Bt = B + (t * G + g) * N;
-                f8 *aj = a + j * N, *hj = h + j * N;
-                for (int64_t n = 0; n < N; n++)
-                    hj[n] = exp2_clamped(dtt * aj[n]) * hj[n] + du * Bt[n];
-                const f8 st = skip ? load(skip + t * D + d0) : splat(0.0f);
-                for (int64_t b = 0; b < batch; b++) {
-                    const float *Ct = C + ((t * batch + b) * G + g) * N;
-                    f8 out = splat(0.0f);
-                    for (int64_t n = 0; n < N; n++)
-                        out = out + Ct[n] * hj[n];
-                    store(y + (t * batch + b) * D + d0, skip ? out + st : out);
-                }
+            const f8 dt = load(delta + t * D + d0);
+            update_states(h, a, dt, dt * load(u + t * D + d0), B + (t * G + g) * N, N);
+            const f8 st = skip ? load(skip + t * D + d0) : splat(0.0f);
+            for (int64_t b = 0; b < batch; b++) {
+                const f8 out = read_states(C + ((t * batch + b) * G + g) * N, h, N);
+                store(y + (t * batch + b) * D + d0, skip ? out + st : out);
             }
         }
-        tile += blocks;
     }
 }
 
@@ -215,37 +198,20 @@ void cross_scan_forward(const float *x, const float *delta, const float *A, cons
                         const float *bias, float *y, int64_t batch, int64_t h, int64_t w, int64_t di, int64_t N,
                         int64_t row, int64_t b_off, int64_t c_off, int64_t first, int64_t last) {
     const int64_t K = 4, L = h * w, per_dir = di / CB, per_frame = K * per_dir;
-    f8 a[TB * MAXN], hs[TB * MAXN];
-    for (int64_t tile = first; tile < last;) {
-        const int64_t b = tile / per_frame, k = tile % per_frame / per_dir, first_c = tile % per_dir * CB;
-        const int64_t blocks = min64(min64(TB, last - tile), per_dir - tile % per_dir);  /* one direction's */
-        for (int64_t j = 0; j < blocks; j++)
-            for (int64_t n = 0; n < N; n++) {
-                float column[CB];
-                for (int i = 0; i < CB; i++)
-                    column[i] = A[(k * di + first_c + j * CB + i) * N + n];
-                a[j * N + n] = load(column) * LOG2E;
-                hs[j * N + n] = splat(0.0f);
-            }
-        const float *xb = x + b * L * di, *db = delta + (k * batch + b) * L * di, *bc = BC + (b * L * K + k) * row;
-        float *yb = y + b * L * K * di + k * di;
+    f8 a[MAXN], hs[MAXN];
+    for (int64_t block = first; block < last; block++) {
+        const int64_t b = block / per_frame, k = block % per_frame / per_dir, c = block % per_dir * CB, d = k * di + c;
+        start_block(a, hs, A, d, N);
+        const f8 d_skip = load(D + d), d_bias = load(bias + d);
+        const float *xb = x + b * L * di + c, *db = delta + (k * batch + b) * L * di + c;
+        const float *bc = BC + (b * L * K + k) * row;
+        float *yb = y + b * L * K * di + k * di + c;
         for (int64_t t = 0; t < L; t++) {
             const int64_t p = token_at(k, t, h, w);
-            const float *Bt = bc + p * K * row + b_off, *Ct = bc + p * K * row + c_off;
-            for (int64_t j = 0; j < blocks; j++) {
-                const int64_t c = first_c + j * CB, d = k * di + c;
-                const f8 dtt = softplus(load(db + p * di + c) + load(bias + d));
-                const f8 ut = load(xb + p * di + c), du = dtt * ut;
-                f8 *aj = a + j * N, *hj = hs + j * N;
-                f8 out = splat(0.0f);
-                for (int64_t n = 0; n < N; n++) {
-                    hj[n] = exp2_clamped(dtt * aj[n]) * hj[n] + du * Bt[n];
-                    out = out + Ct[n] * hj[n];
-                }
-                store(yb + p * K * di + c, out + load(D + d) * ut);
-            }
+            const f8 dt = softplus(load(db + p * di) + d_bias), ut = load(xb + p * di);
+            update_states(hs, a, dt, dt * ut, bc + p * K * row + b_off, N);
+            store(yb + p * K * di, read_states(bc + p * K * row + c_off, hs, N) + d_skip * ut);
         }
-        tile += blocks;
     }
 }
 
@@ -257,38 +223,20 @@ void cross_readout(const float *u, const float *delta, const float *A, const flo
                    const float *skip, float *y, int64_t batch, int64_t h, int64_t w, int64_t di, int64_t N,
                    int64_t row, int64_t c_off, int64_t first, int64_t last) {
     const int64_t K = 4, L = h * w, per_dir = di / CB, D = K * di;
-    f8 a[TB * MAXN], hs[TB * MAXN];
-    for (int64_t tile = first; tile < last;) {
-        const int64_t k = tile / per_dir, first_c = tile % per_dir * CB;
-        const int64_t blocks = min64(min64(TB, last - tile), per_dir - tile % per_dir);
-        for (int64_t j = 0; j < blocks; j++)
-            for (int64_t n = 0; n < N; n++) {
-                float column[CB];
-                for (int i = 0; i < CB; i++)
-                    column[i] = A[(k * di + first_c + j * CB + i) * N + n];
-                a[j * N + n] = load(column) * LOG2E;
-                hs[j * N + n] = splat(0.0f);
-            }
+    f8 a[MAXN], hs[MAXN];
+    for (int64_t block = first; block < last; block++) {
+        const int64_t k = block / per_dir, c = block % per_dir * CB, d = k * di + c;
+        start_block(a, hs, A, d, N);
         for (int64_t t = 0; t < L; t++) {
             const int64_t p = token_at(k, t, h, w);
-            const float *Bt = B + (t * K + k) * N;
-            for (int64_t j = 0; j < blocks; j++) {
-                const int64_t c = first_c + j * CB, d = k * di + c;
-                const f8 dtt = load(delta + t * D + d), du = dtt * load(u + t * D + d);
-                f8 *aj = a + j * N, *hj = hs + j * N;
-                for (int64_t n = 0; n < N; n++)
-                    hj[n] = exp2_clamped(dtt * aj[n]) * hj[n] + du * Bt[n];
-                const f8 st = skip ? load(skip + t * D + d) : splat(0.0f);
-                for (int64_t b = 0; b < batch; b++) {
-                    const float *Ct = C + ((b * L + p) * K + k) * row + c_off;
-                    f8 out = splat(0.0f);
-                    for (int64_t n = 0; n < N; n++)
-                        out = out + Ct[n] * hj[n];
-                    store(y + ((b * L + p) * K + k) * di + c, skip ? out + st : out);
-                }
+            const f8 dt = load(delta + t * D + d);
+            update_states(hs, a, dt, dt * load(u + t * D + d), B + (t * K + k) * N, N);
+            const f8 st = skip ? load(skip + t * D + d) : splat(0.0f);
+            for (int64_t b = 0; b < batch; b++) {
+                const f8 out = read_states(C + ((b * L + p) * K + k) * row + c_off, hs, N);
+                store(y + ((b * L + p) * K + k) * di + c, skip ? out + st : out);
             }
         }
-        tile += blocks;
     }
 }
 """
