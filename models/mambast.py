@@ -220,7 +220,7 @@ class SS2D(nn.Module):
 
     def _project_tokens(self, tokens, weight):  # (B, L, d_inner), (K, c, d_inner) -> (B, L, K, c), per token
         di = tokens.shape[-1]
-        return (tokens.reshape(-1, di) @ weight.reshape(-1, di).t()).view(*tokens.shape[:2], self.K, -1)
+        return (tokens.reshape(-1, di) @ weight.reshape(-1, di).t()).view(*tokens.shape[:2], self.K, weight.shape[1])
 
     def _forward_on_grid(self, u):
         B, h, w, _ = u.shape
@@ -229,10 +229,10 @@ class SS2D(nn.Module):
         tokens = self._tokens(x)
         proj = self._project_tokens(tokens, self.x_proj_weight)  # (B, L, K, δ | B | C)
         dts = proj.view(B * h * w, K, -1)[:, :, :cfg.dt_rank].transpose(0, 1)  # (K, B·L, r)
-        delta = torch.bmm(dts, self.dt_projs_weight.transpose(1, 2)).view(K, B, h * w, -1)  # before bias, softplus
+        delta = torch.bmm(dts, self.dt_projs_weight.transpose(1, 2)).view(K, B, h * w, cfg.d_inner)  # pre-bias
         y = cross_scan_forward_cpu(tokens, delta, -torch.exp(self.A_logs), proj, self.Ds, self.dt_projs_bias.flatten(),
                                    (h, w), b_off=cfg.dt_rank, c_off=cfg.dt_rank + cfg.d_state)  # (B, L, K, d_inner)
-        return self._gate_out(y.sum(2).view(B, h, w, -1), z)
+        return self._gate_out(y.sum(2).view(B, h, w, cfg.d_inner), z)
 
     def forward(self, u, style=None):
         """u: (B, h, w, d) normed content tokens; style: (B, h, w, d) shuffled style tokens (cross only)."""
@@ -280,7 +280,7 @@ class SS2D(nn.Module):
         if code.states is None and self._on_token_grid(u):
             Cs = self._project_tokens(self._tokens(x), self.x_proj_weight)  # (B, L, K, N)
             y = _mixed(code, lambda part: cross_readout_cpu(part.u, part.delta, A, part.B, Cs, part.skip, (h, w)))
-            return self._gate_out(y.sum(2).view(B, h, w, -1), z)
+            return self._gate_out(y.sum(2).view(B, h, w, self.cfg.d_inner), z)
         xs = cross_scan(self._conv(x))
         Cs = self._project(xs, self.x_proj_weight).float()  # (B, K, N, L)
         if code.states is not None:
