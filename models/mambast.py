@@ -492,7 +492,8 @@ class MambaST(nn.Module):
     def _keep_states(self, grid, device) -> bool:
         """'auto': no state cache where a fused readout runs (Triton on CUDA, the compiled loop on CPU: they
         recompute the states in registers at any size; at the official widths at 512² reading 1 GiB of cached
-        states per layer and frame was the slower way: the MSTD took 2.29 CPU s per frame with the cache, 1.55 with
+        states per layer and frame was the slower way: the MSTD took 2.29 CPU s per frame with the cache (and
+        cross-scan copies), 1.55 with
         the compiled loop, and peak memory fell from 4.6-6.1 to 1.3 GB, `mambast bench model`); with the torch
         readout the cache when it fits the budget (it beats rescanning per batch)."""
         if self.cfg.style_cache != "auto":
