@@ -493,9 +493,9 @@ class MambaST(nn.Module):
         """'auto': no state cache where a fused readout runs (Triton on CUDA, the compiled loop on CPU: they
         recompute the states in registers at any size; at the official widths at 512² reading 1 GiB of cached
         states per layer and frame was the slower way: the MSTD took 2.29 CPU s per frame with the cache (and
-        cross-scan copies), 1.55 with
-        the compiled loop, and peak memory fell from 4.6-6.1 to 1.3 GB, `mambast bench model`); with the torch
-        readout the cache when it fits the budget (it beats rescanning per batch)."""
+        cross-scan copies), 1.55 with the compiled loop on the token grid, and peak memory fell from 4.6-6.1 to
+        1.3 GB, `mambast bench model`); with the torch readout the cache when it fits the budget (it beats
+        rescanning per batch)."""
         if self.cfg.style_cache != "auto":
             return self.cfg.style_cache == "states"
         if resolve_readout_backend(readout_backend(self.cfg.scan_backend), device) in ("triton", "cpu"):
