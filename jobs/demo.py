@@ -1,7 +1,7 @@
 """`mambast demo`: stylize the packaged demo clip with a famous painting, to see the product work in one command.
 
 Writes OUT/demo.mp4 (the first N frames, with the clip's audio if it has any) and OUT/demo_sheet.png (a few
-source | stylized pairs). Both belong to the demo and are replaced on every run.
+source | stylized pairs, the painting beside them). Both belong to the demo and are replaced on every run.
 """
 from __future__ import annotations
 

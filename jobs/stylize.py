@@ -9,7 +9,7 @@ to loopback, or `--address`); `auto` (the default) takes `local` when the select
 `--address` is given, `ray` otherwise. Both give the same frames.
 
 `--preview N` stylizes N frames spread evenly over the selection (each on its own, without temporal smoothing)
-and writes a contact sheet, source | stylized, to OUTPUT, which must then be a .png.
+and writes a contact sheet, source | stylized with the style beside it, to OUTPUT, which must then be a .png.
 
 --style takes one image, a blend or a keyframe schedule (quote it in the shell):
   --style painting.jpg                     one image

@@ -37,6 +37,7 @@ from pipeline.chunks import ChunkStylizer, chunks_from_stream
 from pipeline.frame_threads import FrameReader, FrameWriter
 from pipeline.images import contact_sheet, save_png
 from pipeline.source import FrameSource
+from pipeline.styles import images_at
 from pipeline.stylize_job import StylizeJob, Summary, check_job, open_render
 
 M_ARENA_MAX, MALLOC_ARENAS = -8, 2  # glibc's mallopt parameter number, and the cap (see limit_malloc_arenas)
@@ -85,7 +86,9 @@ def limit_malloc_arenas(arenas: int = MALLOC_ARENAS) -> None:
 
 
 def run_preview(job: StylizeJob, count: int, progress: bool = True) -> Summary:
-    """Stylize `count` frames spread evenly over the selection and write a contact sheet (source | stylized).
+    """Stylize `count` frames spread evenly over the selection and write a contact sheet: source | stylized, with
+    the style beside the first row and beside any row where it changed (the heaviest image of a blend or of a
+    schedule's morph, with its share).
 
     The frames are far apart, so each is stylized on its own (no temporal smoothing). `job.output` is a .png.
     """
@@ -99,7 +102,7 @@ def run_preview(job: StylizeJob, count: int, progress: bool = True) -> Summary:
     # temporal smoothing is off: frames do not affect each other, however far apart
     clip = stylizer.clip(render.style, render.frame_shape, render.config, start_frame=picks[0])
     frames = render.source.read(picks)
-    rows, labels = [], []
+    rows, labels, shown_style = [], [], None
     with progress_bar(len(picks), progress, desc="preview") as bar:
         for first in range(0, len(frames), render.config.batch_size):
             batch = frames[first:first + render.config.batch_size]
@@ -107,6 +110,11 @@ def run_preview(job: StylizeJob, count: int, progress: bool = True) -> Summary:
                 seconds = (source.pts - render.source.info.pts[0]) * render.source.info.time_base
                 rows.append([source.image, stylized.image])
                 labels.append([f"frame {source.index} ({float(seconds):.2f} s)", "stylized"])
+                style, weight = images_at(render.style, source.index)[0]
+                if (style.key, weight) != shown_style:  # the painting once, and again where a schedule changes it
+                    rows[-1].append(style.image)
+                    labels[-1].append(style.name if weight == 1.0 else f"{style.name} {weight:.0%}")
+                    shown_style = (style.key, weight)
                 bar.update(1)
     save_png(job.output, contact_sheet(rows, labels))
     now = time.perf_counter()

@@ -190,6 +190,20 @@ def style_files(style) -> tuple[str, ...]:
     return ()
 
 
+def images_at(style, frame: int = 0) -> list[tuple[StyleImage, float]]:
+    """The style images in effect at `frame` with their total weights, heaviest first (what a contact sheet shows
+    beside the stylized frame). A StyleImage is itself with weight 1."""
+    if isinstance(style, StyleImage):
+        return [(style, 1.0)]
+    parts = style.weights_at(frame) if isinstance(style, StyleSchedule) else [(style, 1.0)]
+    totals: dict[str, list] = {}
+    for part, weight in parts:
+        shares = [(part, 1.0)] if isinstance(part, StyleImage) else zip(part.images, part.weights)
+        for image, share in shares:
+            totals.setdefault(image.key, [image, 0.0])[1] += weight * share
+    return sorted(((image, total) for image, total in totals.values()), key=lambda pair: -pair[1])
+
+
 # ----------------------------------------------------------------------------------------------------------
 # The code cache
 

@@ -299,7 +299,10 @@ def test_preview_writes_a_contact_sheet(tmp_path, weights, style):
     sheet = tmp_path / "sheet.png"
     summary = run_preview(job(clip, style, sheet, weights), count=3, progress=False)
     image = cv2.imread(str(sheet))
-    assert summary.frames == 3 and image.shape[1] < image.shape[0]  # 3 rows of source | stylized
+    assert summary.frames == 3 and image.shape[1] == 4 + 3 * (256 + 4)  # source | stylized | style
+    third_column = image[:, 4 + 2 * (256 + 4):-4] != 255
+    rows_with_style = np.flatnonzero(third_column.any(axis=(1, 2)))
+    assert third_column.any(axis=2).mean() > 0.1 and rows_with_style[-1] < image.shape[0] / 2  # first row only
     with pytest.raises(UserError, match="already exists"):
         run_preview(job(clip, style, sheet, weights), count=3, progress=False)
 

@@ -20,7 +20,8 @@ from models.selective_scan import read_out_states
 from models.style_controls import mix_style_codes, normalise_weights, preserve_colors, rgb_to_ycbcr, smoothstep
 from pipeline.images import load_image, save_png
 from pipeline.stylizer import ClipStylizer, StylizerConfig, image_to_tensor
-from pipeline.styles import StyleBlend, StyleCodes, StyleImage, StyleSchedule, parse_schedule, parse_style
+from pipeline.styles import (StyleBlend, StyleCodes, StyleImage, StyleSchedule, images_at, parse_schedule,
+                             parse_style)
 from tiny_models import tiny_model
 
 torch.set_num_threads(1)
@@ -256,6 +257,17 @@ def test_schedule_weights_follow_a_smoothstep(styles):
     assert wa + wb == pytest.approx(1.0)
     hold = StyleSchedule(((0, a), (10, a), (20, b)))
     assert hold.weights_at(5) == [(a, 1.0)]
+
+
+def test_images_at_sums_each_image_over_blends_and_morphs_heaviest_first(styles):
+    a, b = styles
+    assert images_at(a, 7) == [(a, 1.0)]
+    assert images_at(StyleBlend.of([a, b], [1, 3])) == [(b, 0.75), (a, 0.25)]
+    schedule = StyleSchedule(((0, StyleBlend.of([a, b], [1, 1])), (40, b)))
+    assert images_at(schedule, 0) == [(a, 0.5), (b, 0.5)]
+    (first, w_first), (second, w_second) = images_at(schedule, 20)  # halfway: b's share 0.5 + 0.5 * 0.5
+    assert (first, second) == (b, a) and w_first == pytest.approx(0.75) and w_second == pytest.approx(0.25)
+    assert images_at(schedule, 40) == [(b, 1.0)]
 
 
 def test_schedule_at_a_keyframe_is_that_style_alone(model, styles):
