@@ -4,12 +4,15 @@ The recipe (configs/train/*.yaml) names the model variant, the data (a folder wi
 style/{train,val}, as `mambast data build` makes it; nested folders are fine), the perceptual network for the
 losses and the loss weights. Losses are the paper's (docs/mamba-st.md §3; models/losses.py):
 
-    L = w_c·L_c + w_s·L_s + w_id1·L_id1 + w_id2·L_id2  [+ w_t·L_t]
+    L = w_c·L_c + w_s·L_s + w_id1·L_id1 + w_id2·L_id2  [+ w_t·L_t] [+ w_shift·L_shift]
 
 With `teacher: magenta` a share of every batch comes from distillation pairs instead (jobs/teacher_pairs.py: a
 content region, any image as its style, and the teacher's output, precomputed once into DATA/teacher/), and
 those items add w_t·L_t, the distance to the teacher's output (models/losses.py). The paper's losses still apply
-to every item.
+to every item. With `weight_shift` > 0 the first item's content is also stylized as two overlapping windows
+(`shift_window` px, the second moved by 1-7 px: never a whole patch) whose outputs must agree where they overlap
+(L_shift, models/losses.py): strokes that follow the picture and not the patch grid, so moving video does not
+flicker.
 
 A run folder holds `checkpoint.pt` (model, optimiser, step, RNG states; rewritten atomically), `recipe.yaml`
 (the resolved recipe; `--resume` refuses a changed one), `samples/` (content | style | output grids of
@@ -33,7 +36,7 @@ from tqdm import tqdm
 from models.checkpoint import load_model, model_config, read_yaml, save_model, torch_load_safe
 from models.errors import UserError
 from jobs.teacher_pairs import build_pairs, load_pairs
-from models.losses import content_loss, distillation_loss, identity_losses, style_loss
+from models.losses import content_loss, distillation_loss, identity_losses, shift_consistency_loss, style_loss
 from models.mambast import MambaST, init_weights, style_permutations
 from models.perceptual import load_perceptual
 from pipeline.images import contact_sheet, load_image, save_png
@@ -77,6 +80,8 @@ class Recipe:
     weight_teacher: float = 0.0          # w_t
     teacher_keep: float = 1.0            # share of the pairs trained on: those where the teacher carried the style
                                          # best (teacher_style_ratios); 1 = all
+    weight_shift: float = 0.0            # w_shift: shift consistency (L_shift); 0 = off, no extra forward pass
+    shift_window: int = 184              # side of the two windows it compares (px; fits in the crop)
     init: str = "mamba"                  # 'mamba' or 'official' (xavier everywhere, as the paper's code)
     init_from: str | None = None         # weights folder (e.g. an earlier run's final/) to start from instead
     seed: int = 777
@@ -103,6 +108,13 @@ class Recipe:
         for name in ("steps", "batch_size", "crop", "teacher_pairs"):
             if not isinstance(getattr(recipe, name), int) or getattr(recipe, name) <= 0:
                 raise UserError(f"{path}: {name} must be a positive integer, got {getattr(recipe, name)!r}")
+        if isinstance(recipe.weight_shift, bool) or not isinstance(recipe.weight_shift, (int, float)) \
+                or recipe.weight_shift < 0:
+            raise UserError(f"{path}: weight_shift must be a number >= 0, got {recipe.weight_shift!r}")
+        if recipe.weight_shift and not (isinstance(recipe.shift_window, int)
+                                        and 0 < recipe.shift_window <= recipe.crop - 7):
+            raise UserError(f"{path}: shift_window must be a positive integer of at most crop - 7 = "
+                            f"{recipe.crop - 7} (the moved window must fit in the crop), got {recipe.shift_window!r}")
         if recipe.teacher_keep <= 0:
             raise UserError(f"{path}: teacher_keep must be in (0, 1], got {recipe.teacher_keep!r}")
         if recipe.style_balance not in ("image", "group"):
@@ -410,7 +422,28 @@ class Trainer:
             n = len(teacher_out)
             losses["teacher"] = distillation_loss(ics[:n], teacher_out, [f[:n] for f in f_cs], net.features(teacher_out))
             total = total + r.weight_teacher * losses["teacher"]
+        if r.weight_shift > 0:
+            losses["shift"] = self.shift_loss(content[:1], style[:1])
+            total = total + r.weight_shift * losses["shift"]
         return {"total": total, **losses}
+
+    def shift_loss(self, content: torch.Tensor, style: torch.Tensor) -> torch.Tensor:
+        """L_shift on one content crop: a window and the window moved by (dy, dx), stylized together (one style,
+        one set of style permutations, as the frames of a clip) and without DropPath (whose random masks would
+        differ between the two)."""
+        size, patch = self.recipe.shift_window, self.model.cfg.patch_size
+        dy, dx = (1 + torch.randint(patch - 1, (2,), generator=self.gen)).tolist()
+        y = int(torch.randint(content.shape[-2] - size - dy + 1, (1,), generator=self.gen))
+        x = int(torch.randint(content.shape[-1] - size - dx + 1, (1,), generator=self.gen))
+        windows = torch.cat([content[..., y:y + size, x:x + size],
+                             content[..., y + dy:y + dy + size, x + dx:x + dx + size]])
+        self.model.eval()
+        try:
+            perms = self._perms(math.ceil(size / patch) ** 2)
+            out = self.model(windows, style.expand(2, -1, -1, -1), perms=perms)
+        finally:
+            self.model.train()
+        return shift_consistency_loss(out[:1], out[1:], dy, dx)
 
     def train_step(self) -> dict[str, float]:
         r = self.recipe

@@ -13,6 +13,11 @@ squared error, as in the official code (`nn.MSELoss`).
 Distillation toward a teacher's output T of the same content and style (models/teacher.py), our addition:
 
     L_t   = |Ics − T|₁ + Σ_i ‖φ_i(Ics) − φ_i(T)‖² / ‖φ_i(T)‖²   (each tap relative to its own energy)
+
+Shift consistency, our addition for video: the same content seen (dy, dx) pixels further on, not a whole patch,
+should come out as the same picture moved by (dy, dx), on the part both windows see:
+
+    L_shift = ‖shift(Ics(window), dy, dx) − Ics(window moved by dy, dx)‖²
 """
 from __future__ import annotations
 
@@ -73,6 +78,13 @@ def distillation_loss(out: Tensor, target: Tensor, feats_out: Sequence[Tensor],
     _check_same_taps(feats_out, feats_target)
     relative = sum(F.mse_loss(a, t) / t.pow(2).mean().clamp_min(1e-8) for a, t in zip(feats_out, feats_target))
     return F.l1_loss(out, target) + relative
+
+
+def shift_consistency_loss(out: Tensor, out_moved: Tensor, dy: int, dx: int) -> Tensor:
+    """L_shift: `out` stylizes a window, `out_moved` the window (dy, dx) pixels further down and right (dy, dx >=
+    0); both B×3×H×W. A model whose strokes follow the image and not its patch grid scores 0."""
+    h, w = out.shape[-2:]
+    return F.mse_loss(out[..., dy:, dx:], out_moved[..., :h - dy, :w - dx])
 
 
 def gram(feat: Tensor) -> Tensor:

@@ -13,6 +13,7 @@ from PIL import Image
 from jobs.train import _RGB_TO_YIQ, ImagePool, Recipe, Trainer, rotate_hues
 from models.checkpoint import load_model, model_config
 from models.errors import UserError
+from models.losses import shift_consistency_loss
 from models.perceptual import load_perceptual
 from tests.tiny_models import TINY
 
@@ -137,6 +138,48 @@ def test_a_second_style_net_adds_its_own_style_loss(tmp_path, data):
     with pytest.raises(UserError, match="second_style_tap_weights has 2 entries; VGG19Caffe has 5 taps"):
         Trainer(tiny_recipe(tmp_path, data, "short", second_style_net="vgg19", weight_second_style=1.0,
                             second_style_tap_weights=[1.0, 1.0]))
+
+
+def test_shift_consistency_is_zero_exactly_when_the_output_moves_with_the_window():
+    picture = torch.rand(1, 3, 40, 48, generator=torch.Generator().manual_seed(0))
+    window, moved = picture[..., :32, :40], picture[..., 3:35, 5:45]  # the window moved 3 down, 5 right
+    assert shift_consistency_loss(window, moved, 3, 5) == 0
+    assert shift_consistency_loss(window, moved, 5, 3) > 0.01
+    assert shift_consistency_loss(window, window, 3, 5) > 0.01  # the same picture twice: the grid, not the image
+
+
+def test_shift_loss_adds_one_weighted_term_on_two_windows_without_dropout(tmp_path, data):
+    """weight_shift adds w·L_shift and leaves the other losses as they were; L_shift itself is deterministic
+    (DropPath off for its two windows, the model back in training mode after) and trains the model."""
+    plain = Trainer(tiny_recipe(tmp_path, data, "plain", seed=5))
+    shifted = Trainer(tiny_recipe(tmp_path, data, "shifted", seed=5, weight_shift=100.0, shift_window=48))
+    assert shifted.model.cfg.drop_path > 0
+    g = torch.Generator().manual_seed(0)
+    content, style = plain.content.sample(2, 64, (1.0, 1.0), g), plain.style.sample(2, 64, (1.0, 1.0), g)
+    torch.manual_seed(0)
+    a = plain.losses(content, style)
+    torch.manual_seed(0)
+    b = shifted.losses(content, style)
+    assert "shift" not in a and b["shift"] > 0
+    for key in ("content", "style", "id_pixel", "id_feature"):
+        assert torch.equal(a[key], b[key])
+    assert torch.allclose(b["total"], a["total"] + 100.0 * b["shift"])
+    for block in shifted.model.modules():  # DropPath that would drop half the time, were it on
+        if isinstance(getattr(block, "drop_path", None), float):
+            block.drop_path = 0.5
+    state, twice = shifted.gen.get_state(), []
+    for seed in (1, 2):  # DropPath draws from torch's global RNG
+        torch.manual_seed(seed)
+        shifted.gen.set_state(state)
+        twice.append(shifted.shift_loss(content[:1], style[:1]))
+    first = twice[0]
+    assert torch.equal(twice[0], twice[1]) and shifted.model.training
+    first.backward()
+    assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in shifted.model.parameters())
+    with pytest.raises(UserError, match="shift_window must be a positive integer of at most crop - 7 = 57"):
+        path = tmp_path / "recipe.yaml"
+        path.write_text(yaml.safe_dump({"crop": 64, "weight_shift": 1.0, "shift_window": 60}))
+        Recipe.load(path)
 
 
 @pytest.mark.parametrize("path", sorted((Path(__file__).parents[1] / "configs" / "train").glob("*.yaml")),
