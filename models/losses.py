@@ -17,7 +17,7 @@ Distillation toward a teacher's output T of the same content and style (models/t
 Shift consistency, our addition for video: the same content seen (dy, dx) pixels further on, not a whole patch,
 should come out as the same picture moved by (dy, dx), on the part both windows see:
 
-    L_shift = ‖shift(Ics(window), dy, dx) − Ics(window moved by dy, dx)‖²
+    L_shift = ‖shift(Ics(window), dy, dx) − Ics(window moved by dy, dx)‖² / (the two pictures' fine detail energy)
 """
 from __future__ import annotations
 
@@ -82,9 +82,15 @@ def distillation_loss(out: Tensor, target: Tensor, feats_out: Sequence[Tensor],
 
 def shift_consistency_loss(out: Tensor, out_moved: Tensor, dy: int, dx: int) -> Tensor:
     """L_shift: `out` stylizes a window, `out_moved` the window (dy, dx) pixels further down and right (dy, dx >=
-    0); both B×3×H×W. A model whose strokes follow the image and not its patch grid scores 0."""
+    0); both B×3×H×W. A model whose strokes follow the image and not its patch grid scores 0.
+
+    The squared difference is taken relative to the two pictures' fine detail (each minus its 5×5 box mean), so
+    that flattening the strokes is no way out: strokes drawn afresh at every shift score ≈1 at any contrast.
+    """
     h, w = out.shape[-2:]
-    return F.mse_loss(out[..., dy:, dx:], out_moved[..., :h - dy, :w - dx])
+    a, b = out[..., dy:, dx:], out_moved[..., :h - dy, :w - dx]
+    detail = sum(((x - F.avg_pool2d(x, 5, stride=1, padding=2, count_include_pad=False)) ** 2).mean() for x in (a, b))
+    return F.mse_loss(a, b) / (detail + 1e-6)
 
 
 def gram(feat: Tensor) -> Tensor:
