@@ -201,7 +201,7 @@ def images_at(style, frame: int = 0) -> list[tuple[StyleImage, float]]:
         shares = [(part, 1.0)] if isinstance(part, StyleImage) else zip(part.images, part.weights)
         for image, share in shares:
             totals.setdefault(image.key, [image, 0.0])[1] += weight * share
-    return sorted(((image, total) for image, total in totals.values()), key=lambda pair: -pair[1])
+    return sorted(map(tuple, totals.values()), key=lambda pair: -pair[1])
 
 
 # ----------------------------------------------------------------------------------------------------------
