@@ -117,20 +117,27 @@ def test_hue_jitter_turns_style_crops_and_keeps_their_geometry(tmp_path, data):
             Recipe.load(bad)
 
 
-def test_a_second_style_net_adds_its_own_style_loss(tmp_path, data):
-    """`second_style_net` adds a weighted style loss on another net; content and identity stay on the first."""
+def beside_plain_losses(tmp_path, data, **extra):
+    """A trainer with `extra` recipe keys, a batch, and the losses of a plain trainer and of it on that batch
+    (the same seed); the paper's four losses must come out equal."""
     plain = Trainer(tiny_recipe(tmp_path, data, "plain", seed=5))
-    both = Trainer(tiny_recipe(tmp_path, data, "both", seed=5, second_style_net="vgg19", weight_second_style=0.5,
-                               second_style_tap_weights=[1.0, 0.5, 0.0, 0.0, 0.0]))
+    other = Trainer(tiny_recipe(tmp_path, data, "other", seed=5, **extra))
     g = torch.Generator().manual_seed(0)
-    content, style = both.content.sample(2, 64, (1.0, 1.0), g), both.style.sample(2, 64, (1.0, 1.0), g)
+    content, style = plain.content.sample(2, 64, (1.0, 1.0), g), plain.style.sample(2, 64, (1.0, 1.0), g)
     torch.manual_seed(0)
     a = plain.losses(content, style)
     torch.manual_seed(0)
-    b = both.losses(content, style)
-    assert "style_second" not in a and b["style_second"] > 0
+    b = other.losses(content, style)
     for key in ("content", "style", "id_pixel", "id_feature"):
         assert torch.equal(a[key], b[key])
+    return other, content, style, a, b
+
+
+def test_a_second_style_net_adds_its_own_style_loss(tmp_path, data):
+    """`second_style_net` adds a weighted style loss on another net; content and identity stay on the first."""
+    both, _, _, a, b = beside_plain_losses(tmp_path, data, second_style_net="vgg19", weight_second_style=0.5,
+                                           second_style_tap_weights=[1.0, 0.5, 0.0, 0.0, 0.0])
+    assert "style_second" not in a and b["style_second"] > 0
     assert torch.allclose(b["total"], a["total"] + 0.5 * b["style_second"])
     b["style_second"].backward()  # the second net's loss trains the model, not the net
     assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in both.model.parameters())
@@ -154,18 +161,9 @@ def test_shift_consistency_is_zero_exactly_when_the_output_moves_with_the_window
 def test_shift_loss_adds_one_weighted_term_on_two_windows_without_dropout(tmp_path, data):
     """weight_shift adds w·L_shift and leaves the other losses as they were; L_shift itself is deterministic
     (DropPath off for its two windows, the model back in training mode after) and trains the model."""
-    plain = Trainer(tiny_recipe(tmp_path, data, "plain", seed=5))
-    shifted = Trainer(tiny_recipe(tmp_path, data, "shifted", seed=5, weight_shift=100.0, shift_window=48))
+    shifted, content, style, a, b = beside_plain_losses(tmp_path, data, weight_shift=100.0, shift_window=48)
     assert shifted.model.cfg.drop_path > 0
-    g = torch.Generator().manual_seed(0)
-    content, style = plain.content.sample(2, 64, (1.0, 1.0), g), plain.style.sample(2, 64, (1.0, 1.0), g)
-    torch.manual_seed(0)
-    a = plain.losses(content, style)
-    torch.manual_seed(0)
-    b = shifted.losses(content, style)
     assert "shift" not in a and b["shift"] > 0
-    for key in ("content", "style", "id_pixel", "id_feature"):
-        assert torch.equal(a[key], b[key])
     assert torch.allclose(b["total"], a["total"] + 100.0 * b["shift"])
     for block in shifted.model.modules():  # DropPath that would drop half the time, were it on
         if isinstance(getattr(block, "drop_path", None), float):
