@@ -173,9 +173,8 @@ def test_shift_loss_adds_one_weighted_term_on_two_windows_without_dropout(tmp_pa
         torch.manual_seed(seed)
         shifted.gen.set_state(state)
         twice.append(shifted.shift_loss(content[:1], style[:1]))
-    first = twice[0]
     assert torch.equal(twice[0], twice[1]) and shifted.model.training
-    first.backward()
+    twice[0].backward()
     assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in shifted.model.parameters())
     with pytest.raises(UserError, match="shift_window must be a positive integer of at most crop - 7 = 57"):
         path = tmp_path / "recipe.yaml"
