@@ -84,6 +84,8 @@ class Recipe:
     shift_window: int = 184              # side of the two windows it compares (px; fits in the crop)
     init: str = "mamba"                  # 'mamba' or 'official' (xavier everywhere, as the paper's code)
     init_from: str | None = None         # weights folder (e.g. an earlier run's final/) to start from instead
+    grow_lr_scale: float = 10.0          # lr multiplier of the MSTD blocks that init_from's weights lack (a deeper
+                                         # MSTD grown from a shallower one: those blocks start as the identity)
     seed: int = 777
     threads: int = 0                     # torch CPU threads; 0 = torch's default
     sample_every: int = 100
@@ -115,6 +117,9 @@ class Recipe:
                                         and 0 < recipe.shift_window <= recipe.crop - 7):
             raise UserError(f"{path}: shift_window must be a positive integer of at most crop - 7 = "
                             f"{recipe.crop - 7} (the moved window must fit in the crop), got {recipe.shift_window!r}")
+        if isinstance(recipe.grow_lr_scale, bool) or not isinstance(recipe.grow_lr_scale, (int, float)) \
+                or recipe.grow_lr_scale <= 0:
+            raise UserError(f"{path}: grow_lr_scale must be a number > 0, got {recipe.grow_lr_scale!r}")
         if recipe.teacher_keep <= 0:
             raise UserError(f"{path}: teacher_keep must be in (0, 1], got {recipe.teacher_keep!r}")
         if recipe.style_balance not in ("image", "group"):
@@ -297,6 +302,7 @@ class Trainer:
         torch.manual_seed(r.seed)  # DropPath draws from the global RNG
         self.model = MambaST(model_config(r.model)).to(self.device)
         init_weights(self.model, r.init, seed=r.seed)
+        self.grown_layers: range = range(0)  # MSTD blocks that init_from's weights lack
         if r.init_from:
             self._start_from(Path(r.init_from))
         self.model.train()
@@ -311,8 +317,12 @@ class Trainer:
                 raise UserError(f"recipe: {key} has {len(weights)} entries; {type(net).__name__} has "
                                 f"{len(net.taps)} taps ({', '.join(net.taps)})")
         self.teacher_pool = self._teacher_pool(data) if r.teacher else None
-        params = [p for n, p in self.model.named_parameters() if _trained(n)]
-        self.opt = torch.optim.Adam(params, lr=r.lr)
+        grown = tuple(f"mamba.decoder.layers.{i}." for i in self.grown_layers)
+        trained = [(n, p) for n, p in self.model.named_parameters() if _trained(n)]
+        groups = [{"params": [p for n, p in trained if not n.startswith(grown)], "lr_scale": 1.0}]
+        if grown:
+            groups.append({"params": [p for n, p in trained if n.startswith(grown)], "lr_scale": r.grow_lr_scale})
+        self.opt = torch.optim.Adam(groups, lr=r.lr)
         self.gen = torch.Generator().manual_seed(r.seed)
         self.step = 0
         self.history: list[dict] = []
@@ -361,9 +371,21 @@ class Trainer:
         return pool
 
     def _start_from(self, weights: Path):
+        """Load earlier weights. A model with more MSTD blocks than they have grows from them: the extra blocks
+        keep their fresh init with the block's output LayerNorm zeroed, so x_next = 0 + x and the grown model
+        stylizes exactly as the weights did; `grow_lr_scale` lets those blocks open up within a stage."""
         start = load_model(weights)
+        state = start.state_dict()
+        have, want = start.cfg.n_decoder_layers, self.model.cfg.n_decoder_layers
+        if have < want:
+            self.grown_layers = range(have, want)
+            for i in self.grown_layers:
+                block = self.model.mamba.decoder.layers[i]
+                torch.nn.init.zeros_(block.norm.weight)
+                torch.nn.init.zeros_(block.norm.bias)
+                state.update({f"mamba.decoder.layers.{i}.{k}": v for k, v in block.state_dict().items()})
         try:
-            self.model.load_state_dict(start.state_dict())
+            self.model.load_state_dict(state)
         except RuntimeError as e:
             first = str(e).strip().splitlines()[-1].strip()
             raise UserError(f"{weights}: does not fit model '{self.recipe.model}': {first}") from None
@@ -458,7 +480,7 @@ class Trainer:
             teacher_out = teacher_out.to(self.device)
         content, style = content.to(self.device), style.to(self.device)
         for group in self.opt.param_groups:
-            group["lr"] = self.lr_at(self.step)
+            group["lr"] = self.lr_at(self.step) * group["lr_scale"]
         losses = self.losses(content, style, teacher_out)
         self.opt.zero_grad(set_to_none=True)
         losses["total"].backward()

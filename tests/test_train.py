@@ -85,6 +85,50 @@ def test_a_run_can_start_from_earlier_weights(tmp_path, data):
         assert image.size == (900, 480)
 
 
+def test_a_deeper_mstd_grows_from_shallower_weights_and_starts_as_they_stylize(tmp_path, data):
+    """More MSTD blocks than init_from's weights have: the extra blocks start as the identity (the grown model
+    stylizes bit for bit as the weights did), train at grow_lr_scale times the rate, open up, and resume exactly."""
+    final = Trainer(tiny_recipe(tmp_path, data, "shallow", steps=1)).run()
+    deeper = tmp_path / "deeper.yaml"
+    deeper.write_text(yaml.safe_dump({**TINY, "n_decoder_layers": TINY["n_decoder_layers"] + 2}))
+
+    def grown_recipe(out, **overrides):
+        return tiny_recipe(tmp_path, data, out, model=str(deeper), init_from=str(final), grow_lr_scale=7.0,
+                           **overrides)
+
+    grown = Trainer(grown_recipe("grown"))
+    new = range(TINY["n_decoder_layers"], TINY["n_decoder_layers"] + 2)
+    assert grown.grown_layers == new
+    content, style = torch.rand(2, 1, 3, 32, 40, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        before = load_model(final).eval()(content, style, seed=3)
+        assert torch.equal(grown.model.eval()(content, style, seed=3), before)
+    grown.model.train()
+    fast = grown.opt.param_groups[1]
+    names = {id(p): n for n, p in grown.model.named_parameters()}
+    assert fast["lr_scale"] == 7.0 and {names[id(p)].split(".")[3] for p in fast["params"]} == {str(i) for i in new}
+    assert not any(names[id(p)].startswith(f"mamba.decoder.layers.{i}.") for p in grown.opt.param_groups[0]["params"]
+                   for i in new)
+    grown.train_step()
+    assert fast["lr"] == pytest.approx(7.0 * grown.opt.param_groups[0]["lr"])
+    assert all(grown.model.mamba.decoder.layers[i].norm.weight.abs().sum() > 0 for i in new)  # they open up
+
+    whole = Trainer(grown_recipe("whole"))
+    whole.run()
+    pieces = Trainer(grown_recipe("pieces"))
+    for _ in range(2):
+        pieces.train_step()
+    pieces._save_checkpoint()
+    resumed = Trainer(grown_recipe("pieces"), resume=True)
+    resumed.run()
+    a, b = weights(whole), weights(resumed)
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(yaml.safe_dump({"grow_lr_scale": 0}))
+    with pytest.raises(UserError, match="grow_lr_scale must be a number > 0"):
+        Recipe.load(bad)
+
+
 def test_hue_rotation_keeps_luma_and_turns_hues():
     g = torch.Generator().manual_seed(0)
     img = 0.35 + 0.3 * torch.rand(3, 8, 8, generator=g)  # muted colours: no turn leaves the RGB cube
