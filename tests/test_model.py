@@ -191,10 +191,11 @@ def test_widths_bench_times_each_variant_in_one_run(capsys):
     import json
 
     from jobs.cli import main
-    assert main(["bench", "widths", "--variants", "32,48:16-8-8", "--size", "64x48", "--runs", "1"]) == 0
+    assert main(["bench", "widths", "--variants", "32,48:16-8-8,32/6", "--size", "64x48", "--runs", "1"]) == 0
     report = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
-    assert list(report["variants"]) == ["32", "48:16-8-8"] and report["variants"]["32"]["ratio"] == 1.0
+    assert list(report["variants"]) == ["32", "48:16-8-8", "32/6"] and report["variants"]["32"]["ratio"] == 1.0
     assert report["variants"]["48:16-8-8"]["params_m"] != report["variants"]["32"]["params_m"]
+    assert report["variants"]["32/6"]["params_m"] > report["variants"]["32"]["params_m"]  # 3 more MSTD blocks
 
 
 def test_model_bench_times_a_git_revision_side_by_side(capsys):
