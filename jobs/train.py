@@ -85,7 +85,7 @@ class Recipe:
     init: str = "mamba"                  # 'mamba' or 'official' (xavier everywhere, as the paper's code)
     init_from: str | None = None         # weights folder (e.g. an earlier run's final/) to start from instead
     grow_lr_scale: float = 10.0          # lr multiplier of the MSTD blocks that init_from's weights lack (a deeper
-                                         # MSTD grown from a shallower one: those blocks start as the identity)
+                                         # MSTD grown from a shallower one: those blocks start fresh)
     seed: int = 777
     threads: int = 0                     # torch CPU threads; 0 = torch's default
     sample_every: int = 100
@@ -371,9 +371,13 @@ class Trainer:
         return pool
 
     def _start_from(self, weights: Path):
-        """Load earlier weights. A model with more MSTD blocks than they have grows from them: the extra blocks
-        keep their fresh init with the block's output LayerNorm zeroed, so x_next = 0 + x and the grown model
-        stylizes exactly as the weights did; `grow_lr_scale` lets those blocks open up within a stage."""
+        """Load earlier weights. A model with more MSTD blocks than they have grows from them: the extra blocks,
+        appended last, keep their fresh init and train at `grow_lr_scale` times the rate.
+
+        Why fresh and not the identity: a fresh block's SS2D output is small beside the residual stream, so the
+        block adds about LN(x) to x, which the MSTD's final LayerNorm takes out again: stage 10g grown to 6 blocks
+        stylizes within about 0.003 of 10g (mean absolute difference in [0, 1], 256² photos and Starry Night). Zeroing the block's output LayerNorm instead (exact
+        identity) opened it far too slowly under Adam: its weight was 0.002 after 25 steps at 10x the rate."""
         start = load_model(weights)
         state = start.state_dict()
         have, want = start.cfg.n_decoder_layers, self.model.cfg.n_decoder_layers
@@ -381,8 +385,6 @@ class Trainer:
             self.grown_layers = range(have, want)
             for i in self.grown_layers:
                 block = self.model.mamba.decoder.layers[i]
-                torch.nn.init.zeros_(block.norm.weight)
-                torch.nn.init.zeros_(block.norm.bias)
                 state.update({f"mamba.decoder.layers.{i}.{k}": v for k, v in block.state_dict().items()})
         try:
             self.model.load_state_dict(state)

@@ -85,9 +85,10 @@ def test_a_run_can_start_from_earlier_weights(tmp_path, data):
         assert image.size == (900, 480)
 
 
-def test_a_deeper_mstd_grows_from_shallower_weights_and_starts_as_they_stylize(tmp_path, data):
-    """More MSTD blocks than init_from's weights have: the extra blocks start as the identity (the grown model
-    stylizes bit for bit as the weights did), train at grow_lr_scale times the rate, open up, and resume exactly."""
+def test_a_deeper_mstd_grows_from_shallower_weights(tmp_path, data):
+    """More MSTD blocks than init_from's weights have: the weights fill every block they have, the extra blocks
+    start fresh and train at grow_lr_scale times the rate, the grown model starts close to the weights' own
+    output (the MSTD's final LayerNorm takes most of a fresh block's effect out), and the run resumes exactly."""
     final = Trainer(tiny_recipe(tmp_path, data, "shallow", steps=1)).run()
     deeper = tmp_path / "deeper.yaml"
     deeper.write_text(yaml.safe_dump({**TINY, "n_decoder_layers": TINY["n_decoder_layers"] + 2}))
@@ -97,12 +98,20 @@ def test_a_deeper_mstd_grows_from_shallower_weights_and_starts_as_they_stylize(t
                            **overrides)
 
     grown = Trainer(grown_recipe("grown"))
+    fresh = Trainer(tiny_recipe(tmp_path, data, "fresh", model=str(deeper)))  # the same seed, no init_from
     new = range(TINY["n_decoder_layers"], TINY["n_decoder_layers"] + 2)
     assert grown.grown_layers == new
+    saved, start, init = load_model(final).state_dict(), weights(grown), weights(fresh)
+    assert all(torch.equal(start[k], saved[k]) for k in saved)
+    assert {k for k in start if k not in saved} == {k for k in start for i in new
+                                                    if k.startswith(f"mamba.decoder.layers.{i}.")}
+    assert all(torch.equal(start[k], init[k]) for k in start if k not in saved)
     content, style = torch.rand(2, 1, 3, 32, 40, generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         before = load_model(final).eval()(content, style, seed=3)
-        assert torch.equal(grown.model.eval()(content, style, seed=3), before)
+        after = grown.model.eval()(content, style, seed=3)
+        untrained = fresh.model.eval()(content, style, seed=3)
+    assert (after - before).abs().mean() < 0.05 * (untrained - before).abs().mean()  # measured: 0.0004
     grown.model.train()
     fast = grown.opt.param_groups[1]
     names = {id(p): n for n, p in grown.model.named_parameters()}
@@ -111,7 +120,6 @@ def test_a_deeper_mstd_grows_from_shallower_weights_and_starts_as_they_stylize(t
                    for i in new)
     grown.train_step()
     assert fast["lr"] == pytest.approx(7.0 * grown.opt.param_groups[0]["lr"])
-    assert all(grown.model.mamba.decoder.layers[i].norm.weight.abs().sum() > 0 for i in new)  # they open up
 
     whole = Trainer(grown_recipe("whole"))
     whole.run()
