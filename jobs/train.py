@@ -340,7 +340,11 @@ class Trainer:
             if not ckpt.exists():
                 raise UserError(f"{ckpt}: nothing to resume")
             saved = read_yaml(self.out / "recipe.yaml")
-            changed = {k for k in recipe_doc if k not in ("steps", "threads") and saved.get(k) != recipe_doc[k]}
+            # a key the saved recipe lacks (a run started before the key existed) had its default then
+            defaults = asdict(Recipe())
+            defaults["scale_range"] = list(defaults["scale_range"])
+            changed = {k for k in recipe_doc if k not in ("steps", "threads")
+                       and saved.get(k, defaults[k]) != recipe_doc[k]}
             if changed:
                 raise UserError(f"{self.out}: the recipe changed since this run started ({', '.join(sorted(changed))}); "
                                 f"start a new run or restore the recipe")
@@ -376,8 +380,9 @@ class Trainer:
 
         Why fresh and not the identity: a fresh block's SS2D output is small beside the residual stream, so the
         block adds about LN(x) to x, which the MSTD's final LayerNorm takes out again: stage 10g grown to 6 blocks
-        stylizes within about 0.003 of 10g (mean absolute difference in [0, 1], 256² photos and Starry Night). Zeroing the block's output LayerNorm instead (exact
-        identity) opened it far too slowly under Adam: its weight was 0.002 after 25 steps at 10x the rate."""
+        stylizes within about 0.003 of 10g (mean absolute difference in [0, 1], 256² photos, Starry Night).
+        Zeroing the block's output LayerNorm instead (exact identity) opened it far too slowly under Adam: its
+        weight was 0.002 after 25 steps at 10x the rate."""
         start = load_model(weights)
         state = start.state_dict()
         have, want = start.cfg.n_decoder_layers, self.model.cfg.n_decoder_layers
@@ -482,7 +487,7 @@ class Trainer:
             teacher_out = teacher_out.to(self.device)
         content, style = content.to(self.device), style.to(self.device)
         for group in self.opt.param_groups:
-            group["lr"] = self.lr_at(self.step) * group["lr_scale"]
+            group["lr"] = self.lr_at(self.step) * group.get("lr_scale", 1.0)  # absent in runs from before it
         losses = self.losses(content, style, teacher_out)
         self.opt.zero_grad(set_to_none=True)
         losses["total"].backward()

@@ -62,6 +62,24 @@ def test_interrupted_and_resumed_run_equals_an_uninterrupted_one(tmp_path, data)
     assert (tmp_path / "whole" / "losses.png").exists() and list((tmp_path / "whole" / "samples").glob("*.png"))
 
 
+def test_a_run_from_before_a_recipe_key_existed_resumes_while_the_key_keeps_its_default(tmp_path, data):
+    run = Trainer(tiny_recipe(tmp_path, data, "old"))
+    run.train_step()
+    run._save_checkpoint()
+    saved = yaml.safe_load((tmp_path / "old" / "recipe.yaml").read_text())   # as a run from before grow_lr_scale
+    del saved["grow_lr_scale"]
+    (tmp_path / "old" / "recipe.yaml").write_text(yaml.safe_dump(saved))
+    state = torch.load(tmp_path / "old" / "checkpoint.pt", weights_only=True)
+    for group in state["opt"]["param_groups"]:
+        del group["lr_scale"]
+    torch.save(state, tmp_path / "old" / "checkpoint.pt")
+    resumed = Trainer(tiny_recipe(tmp_path, data, "old"), resume=True)
+    resumed.train_step()
+    assert resumed.step == 2 and resumed.opt.param_groups[0]["lr"] == resumed.lr_at(1)
+    with pytest.raises(UserError, match=r"the recipe changed since this run started \(grow_lr_scale\)"):
+        Trainer(tiny_recipe(tmp_path, data, "old", grow_lr_scale=3.0), resume=True)
+
+
 def test_a_run_can_start_from_earlier_weights(tmp_path, data):
     first = Trainer(tiny_recipe(tmp_path, data, "first", steps=1))
     final = first.run()
