@@ -33,7 +33,7 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from models.checkpoint import load_model, model_config, read_yaml, save_model, torch_load_safe
+from models.checkpoint import check_state_dict, load_model, model_config, read_yaml, save_model, torch_load_safe
 from models.errors import UserError
 from jobs.teacher_pairs import build_pairs, load_pairs
 from models.losses import content_loss, distillation_loss, identity_losses, shift_consistency_loss, style_loss
@@ -386,16 +386,16 @@ class Trainer:
         start = load_model(weights)
         state = start.state_dict()
         have, want = start.cfg.n_decoder_layers, self.model.cfg.n_decoder_layers
-        if have < want:
-            self.grown_layers = range(have, want)
-            for i in self.grown_layers:
-                block = self.model.mamba.decoder.layers[i]
-                state.update({f"mamba.decoder.layers.{i}.{k}": v for k, v in block.state_dict().items()})
-        try:
-            self.model.load_state_dict(state)
-        except RuntimeError as e:
-            first = str(e).strip().splitlines()[-1].strip()
-            raise UserError(f"{weights}: does not fit model '{self.recipe.model}': {first}") from None
+        if have > want:
+            raise UserError(f"{weights}: has {have} MSTD blocks, model '{self.recipe.model}' {want}: a model can grow "
+                            f"from fewer MSTD blocks, not drop some")
+        self.grown_layers = range(have, want)
+        for i in self.grown_layers:
+            block = self.model.mamba.decoder.layers[i]
+            state.update({f"mamba.decoder.layers.{i}.{k}": v for k, v in block.state_dict().items()})
+        check_state_dict(state, {k: v.shape for k, v in self.model.state_dict().items()},
+                         f"{weights}: does not fit model '{self.recipe.model}'")
+        self.model.load_state_dict(state)
 
     def _save_checkpoint(self):
         state = {"model": self.model.state_dict(), "opt": self.opt.state_dict(), "step": self.step,

@@ -91,7 +91,7 @@ def test_a_run_can_start_from_earlier_weights(tmp_path, data):
     wide_yaml = tmp_path / "wide.yaml"
     wide_yaml.write_text(yaml.safe_dump({**TINY, "d_model": 48}))
     wider.model = str(wide_yaml)
-    with pytest.raises(UserError, match="does not fit model"):
+    with pytest.raises(UserError, match="does not fit model .*'embedding.proj.weight' has shape"):
         Trainer(wider)
 
     from jobs.cli import main  # chained stages in one loss plot; a folder that is no run is named
@@ -138,6 +138,9 @@ def test_a_deeper_mstd_grows_from_shallower_weights(tmp_path, data):
                    for i in new)
     grown.train_step()
     assert fast["lr"] == pytest.approx(7.0 * grown.opt.param_groups[0]["lr"])
+    shallower = tiny_recipe(tmp_path, data, "shallower", init_from=str(grown.run()))
+    with pytest.raises(UserError, match=f"has {new.stop} MSTD blocks, model .* {new.start}: a model can grow"):
+        Trainer(shallower)
 
     whole = Trainer(grown_recipe("whole"))
     whole.run()
