@@ -14,7 +14,7 @@ finished uint8 frames:
       to_source_size                 guided upsampling (or area averaging when the working size is larger)
       preserve_colors                models/style_controls.py, the same function (optional)
       TensorWindowedBlend            pipeline/temporal.py's WindowedBlend: restarted runs, bicubic warps, their mean
-      restore_detail                 the finest Laplacian bands given the current frame's per-channel energy
+      restore_detail                 the finest Laplacian bands given the current frame's value distribution
       to_uint8                       round half to even, clamp
     ──► (n, H, W, 3) uint8 ──download_uint8──► list of host frames (one sync, uint8 only)
 
@@ -53,8 +53,10 @@ How each OpenCV call maps, and where the results may differ (measured in tests/t
                                       sizes: down (n + 1) // 2; up to 2m or 2m - 1 (odd sizes). pyrUp's border is
                                       REFLECT_101 on the zero-stuffed 2m grid, so its right edge repeats the last
                                       source sample while its left edge reflects (see `pyr_up`): ~1e-7.
-    cv2.meanStdDev                    Tensor.std(correction=0) per channel (population std), in float32 (OpenCV:
-                                      float64): relative ~1e-6 in the detail gains.
+    np.sort, np.interp, lookup        (`match_values`) the same quantiles from the same sorted sample (positions and
+                                      stride from the shapes alone), np.interp as searchsorted + lerp for the
+                                      table, the same float32 lookup: <= 5e-4 levels (the table's float64 knots
+                                      land a float32 rounding apart).
     np.rint, np.clip, astype(uint8)   torch.round (half to even, like rint), clamp, to(uint8): identical.
 
 Through the whole path (bundled weights, a real clip, smoothing on) the uint8 frames differ by at most one level, on
@@ -90,7 +92,8 @@ from torch import Tensor
 from torch.utils._python_dispatch import TorchDispatchMode, _get_current_dispatch_mode_stack
 
 from models.style_controls import preserve_colors
-from pipeline.temporal import DETAIL_LEVELS, FrameMotion, WindowedBlend
+from pipeline.temporal import (DETAIL_LEVELS, DETAIL_QUANTILES, DETAIL_TABLE, FrameMotion, WindowedBlend,
+                               sample_stride)
 
 if TYPE_CHECKING:  # pipeline/stylizer.py drives this module
     from pipeline.stylizer import StylizerConfig
@@ -500,8 +503,8 @@ class TensorWindowedBlend(WindowedBlend):
 
 
 def restore_detail(blended: Tensor, frame: Tensor, levels: int) -> Tensor:
-    """`restore_detail` of pipeline/temporal.py (its docstring says why) on (3, H, W) tensors: the blend's finest
-    Laplacian bands scaled to the frame's per-channel std, one gain per band and channel (kept on the device)."""
+    """`restore_detail` of pipeline/temporal.py (its docstring says why) on (3, H, W) tensors: the values of the
+    blend's finest Laplacian bands remapped to the frame's distribution, per band and channel, on the device."""
     def bands(image):
         out, low = [], image
         for _ in range(levels):
@@ -510,15 +513,53 @@ def restore_detail(blended: Tensor, frame: Tensor, levels: int) -> Tensor:
             low = down
         return out, low
 
-    def channel_std(band):
-        return band.std(dim=(-2, -1), correction=0)[:, None, None]
-
     target, _ = bands(frame)
     detail, low = bands(blended)
     for band, ref in zip(reversed(detail), reversed(target)):
-        gain = channel_std(ref) / channel_std(band).clamp_min(1e-6)
-        low = pyr_up(low, tuple(band.shape[-2:])) + band * gain
+        low = pyr_up(low, tuple(band.shape[-2:])) + match_values(band, ref)
     return low
+
+
+def match_values(band: Tensor, ref: Tensor) -> Tensor:
+    """`match_values` of pipeline/temporal.py on (C, H, W) tensors, without host syncs: the same quantiles, the same
+    table over the band's range, the same lookup (every position and stride comes from the shapes alone)."""
+    channels = band.shape[0]
+    source, target = value_quantiles(band), value_quantiles(ref)
+    low, high = source[:, :1], source[:, -1:]
+    grid = low + (high - low) * torch.linspace(0.0, 1.0, DETAIL_TABLE, device=band.device, dtype=torch.float64)
+    table = interp(grid, source, target).float()
+    step = torch.cat([table[:, 1:] - table[:, :-1], torch.zeros_like(table[:, :1])], dim=1)
+    scale = ((DETAIL_TABLE - 1) / (high - low).clamp_min(1e-12)).float()
+    position = (band.reshape(channels, -1) - low.float()) * scale
+    index = position.to(torch.int32)
+    fraction = position - index
+    index = (index + torch.arange(channels, device=band.device, dtype=torch.int32)[:, None] * DETAIL_TABLE).long()
+    out = table.reshape(-1)[index] + fraction * step.reshape(-1)[index]
+    return out.reshape(band.shape)
+
+
+def value_quantiles(values: Tensor) -> Tensor:
+    """`value_quantiles` of pipeline/temporal.py on (C, H, W): (C, DETAIL_QUANTILES) float64."""
+    channels, height, width = values.shape
+    pixels = values.permute(1, 2, 0).reshape(-1, channels)[::sample_stride(height * width)]
+    ordered = pixels.sort(dim=0).values.double()
+    position = torch.linspace(0.0, ordered.shape[0] - 1, DETAIL_QUANTILES, device=values.device,
+                              dtype=torch.float64)
+    below = position.floor().long()
+    above = (below + 1).clamp(max=ordered.shape[0] - 1)
+    q = (ordered[below] + (ordered[above] - ordered[below]) * (position - below)[:, None]).T.contiguous()
+    q[:, 0], q[:, -1] = values.amin(dim=(1, 2)).double(), values.amax(dim=(1, 2)).double()
+    return q
+
+
+def interp(x: Tensor, xp: Tensor, fp: Tensor) -> Tensor:
+    """np.interp row by row: x (C, N), knots xp (C, K) non-decreasing with x inside [xp[:, 0], xp[:, -1]], fp (C, K)."""
+    right = torch.searchsorted(xp, x.contiguous(), right=True).clamp(1, xp.shape[1] - 1)
+    x0, x1 = xp.gather(1, right - 1), xp.gather(1, right)
+    y0, y1 = fp.gather(1, right - 1), fp.gather(1, right)
+    span = x1 - x0
+    t = torch.where(span > 0, (x - x0) / torch.where(span > 0, span, torch.ones_like(span)), torch.zeros_like(x))
+    return y0 + (y1 - y0) * t
 
 
 # ----------------------------------------------------------------------------------------------------------

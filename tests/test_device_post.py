@@ -174,7 +174,7 @@ def test_restore_detail_is_the_host_one(clip):
     blended = cv2.GaussianBlur(frame, (0, 0), 1.2)
     ref = restore_detail(blended, frame)
     ours = dp.restore_detail(tensor(blended), tensor(frame), 2)
-    assert levels(array(ours), ref)[1] < 1e-3                                   # measured 6e-5
+    assert levels(array(ours), ref)[1] < 1e-3                                   # measured 4.7e-4
 
 
 def test_to_uint8_rounds_half_to_even_like_rint():

