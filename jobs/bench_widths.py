@@ -2,8 +2,8 @@
 
 The question it answers (issue 20's capacity item): what does a wider model cost per frame on this machine, at the
 demo's working size? Each variant is the base config with `d_model` (and optionally the CNN decoder's widths and
-the number of MSTD blocks) changed, random weights (only the cost matters), the cached-style inference path, the variants interleaved so a
-busy machine slows them alike. Prints parameters, fp16 weight size and best-of-runs time with its ratio to the
+the number of MSTD blocks) changed, random weights (only the cost matters), the cached-style inference path, the
+variants interleaved so a busy machine slows them alike. Prints parameters, fp16 weight size and best-of-runs time with its ratio to the
 first variant; the last line is one JSON object.
 """
 from __future__ import annotations

@@ -331,8 +331,7 @@ class Trainer:
     # --- run folder ---------------------------------------------------------------------------------------
 
     def _prepare_run_folder(self, resume: bool):
-        recipe_doc = asdict(self.recipe)
-        recipe_doc["scale_range"] = list(self.recipe.scale_range)
+        recipe_doc = _recipe_document(self.recipe)
         ckpt = self.out / "checkpoint.pt"
         if ckpt.exists() and not resume:
             raise UserError(f"{self.out}: a run already exists here (use --resume to continue it, or another out)")
@@ -341,8 +340,7 @@ class Trainer:
                 raise UserError(f"{ckpt}: nothing to resume")
             saved = read_yaml(self.out / "recipe.yaml")
             # a key the saved recipe lacks (a run started before the key existed) had its default then
-            defaults = asdict(Recipe())
-            defaults["scale_range"] = list(defaults["scale_range"])
+            defaults = _recipe_document(Recipe())
             changed = {k for k in recipe_doc if k not in ("steps", "threads")
                        and saved.get(k, defaults[k]) != recipe_doc[k]}
             if changed:
@@ -606,6 +604,13 @@ def write_loss_plot(runs: list[tuple[str, list[dict]]], path: Path, window: int 
     fig.savefig(tmp, dpi=100)
     plt.close(fig)
     os.replace(tmp, path)
+
+
+def _recipe_document(recipe: Recipe) -> dict:
+    """The recipe as recipe.yaml holds it (plain YAML types)."""
+    doc = asdict(recipe)
+    doc["scale_range"] = list(recipe.scale_range)
+    return doc
 
 
 def _trained(name: str) -> bool:
