@@ -522,7 +522,8 @@ def restore_detail(blended: Tensor, frame: Tensor, levels: int) -> Tensor:
 
 def match_values(band: Tensor, ref: Tensor) -> Tensor:
     """`match_values` of pipeline/temporal.py on (C, H, W) tensors, without host syncs: the same quantiles, the same
-    table over the band's range, the same lookup (every position and stride comes from the shapes alone)."""
+    table over the band's range, interpolated linearly by a gather (every position and stride comes from the
+    shapes alone)."""
     channels = band.shape[0]
     source, target = value_quantiles(band), value_quantiles(ref)
     low, high = source[:, :1], source[:, -1:]
