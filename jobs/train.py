@@ -113,10 +113,11 @@ class Recipe:
         if isinstance(recipe.weight_shift, bool) or not isinstance(recipe.weight_shift, (int, float)) \
                 or recipe.weight_shift < 0:
             raise UserError(f"{path}: weight_shift must be a number >= 0, got {recipe.weight_shift!r}")
-        if recipe.weight_shift and not (isinstance(recipe.shift_window, int)
-                                        and 0 < recipe.shift_window <= recipe.crop - 7):
-            raise UserError(f"{path}: shift_window must be a positive integer of at most crop - 7 = "
-                            f"{recipe.crop - 7} (the moved window must fit in the crop), got {recipe.shift_window!r}")
+        if recipe.weight_shift:
+            largest = recipe.crop - (model_config(recipe.model).patch_size - 1)  # moved by up to patch - 1 px
+            if not (isinstance(recipe.shift_window, int) and 0 < recipe.shift_window <= largest):
+                raise UserError(f"{path}: shift_window must be a positive integer of at most crop - (patch - 1) = "
+                                f"{largest} (the moved window must fit in the crop), got {recipe.shift_window!r}")
         if isinstance(recipe.grow_lr_scale, bool) or not isinstance(recipe.grow_lr_scale, (int, float)) \
                 or recipe.grow_lr_scale <= 0:
             raise UserError(f"{path}: grow_lr_scale must be a number > 0, got {recipe.grow_lr_scale!r}")
