@@ -13,7 +13,7 @@ A path that exists is always taken as a path, so a file may be called "0:odd.jpg
 inside a schedule, nor "+" / "*" inside a blend.
 
 Python objects do the same without text: `StyleImage` (one image), `StyleBlend` (images and weights) and
-`StyleSchedule` (keyframes). `StyleCodes` caches their codes per token grid (the style is resized to the frames'
+`StyleSchedule` (keyframes). `StyleCodes` caches their codes per token grid (the style is fitted to the frames'
 grid, see `MambaST.encode_style`), so each style is encoded once per grid and a schedule's morph frames only mix
 cached codes (`models.style_controls.mix_style_codes`).
 

@@ -3,7 +3,8 @@ import pytest
 import torch
 
 from models.checkpoint import model_config
-from models.mambast import MambaST, MambaSTConfig, cross_merge, cross_scan, init_weights
+from models.mambast import (MambaST, MambaSTConfig, cross_merge, cross_scan, fit_style, init_weights,
+                            resize_image)
 
 TINY = dict(d_model=32, d_state=4, expand=2, decoder_channels=[16, 8, 8], n_encoder_layers=2, n_decoder_layers=2)
 
@@ -263,3 +264,18 @@ def test_frames_do_not_depend_on_the_thread_count_bit_for_bit():
     finally:
         torch.set_num_threads(threads)
     assert torch.equal(one, two)
+
+
+def test_fit_style_keeps_the_paintings_shape_and_mirrors_it_outward():
+    style = torch.rand(1, 3, 40, 20)                                 # a 1:2 portrait
+    fitted = fit_style(style, (40, 96))                              # onto a wide frame: scaled 1x, mirrored
+    assert fitted.shape == (1, 3, 40, 96)
+    assert torch.equal(fitted[..., 38:58], style)                    # the painting itself, undistorted, centred
+    assert torch.equal(fitted[..., 37], style[..., 1]) and torch.equal(fitted[..., 58], style[..., 18])  # mirrors
+    columns = [fitted[..., j] for j in range(96)]                    # mirrored again where one copy is not enough:
+    assert all(any(torch.equal(c, style[..., k]) for k in range(20)) for c in columns)   # every column the painting's
+    tall = fit_style(torch.rand(2, 3, 30, 90), (64, 48))             # a wide one onto a tall frame: 48 px wide
+    assert tall.shape == (2, 3, 64, 48)
+    same = torch.rand(2, 3, 24, 32)
+    assert torch.equal(fit_style(same, (48, 64)), resize_image(same, (48, 64)))   # the same shape: a plain resize
+    assert fit_style(torch.rand(1, 3, 1, 50), (32, 48)).shape == (1, 3, 32, 48)    # a line of pixels: replicated
