@@ -14,6 +14,10 @@ size, by default the default preset's (512: the images are enlarged to 512², st
 as the official test transform `Resize(512)` does). `model_at_256` is the model run at the images' own 256²,
 a diagnostic: its 32×32 token grid is what the working size is for (pipeline/stylizer.py, `working_shape`).
 
+With `--clip`, the contents are that many frames spread over a video instead of the held-out photos, each at a
+short side of 256 with its own aspect (the style distance still reads the painting at 256²): what a clip's frames
+get, with the style fitted to a grid of another shape than the painting's (models/mambast.py, `fit_style`).
+
 Rows: the model's output; with `--teacher magenta`, the distillation teacher's (models/teacher.py: Magenta's
 arbitrary stylization network at its own 384 px, the trade-off to compare against); the content image itself (style-distance baseline: 1.0 by construction); a plain
 colour-statistics transfer (Reinhard et al. 2001: per-channel mean/std in Lab); and, for content distance only,
@@ -37,6 +41,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from models.checkpoint import load_model
@@ -44,7 +49,7 @@ from models.errors import UserError
 from models.teacher import load_teacher
 from pipeline.api import Stylizer
 from pipeline.images import contact_sheet, load_image, save_png
-from pipeline.quality_metrics import SIZE, evaluate_quality, square, summarise, to_tensor
+from pipeline.quality_metrics import SIZE, evaluate_quality, short_side, square, summarise, to_tensor
 from pipeline.settings import read_preset
 
 def style_sources(data: Path, styles: list[Path]) -> list[str]:
@@ -59,14 +64,21 @@ def style_sources(data: Path, styles: list[Path]) -> list[str]:
     return [groups.get(p.relative_to(data).as_posix(), "all") for p in styles]
 
 
-def held_out_pairs(data: Path, max_contents: int, max_styles: int) -> tuple[list[Path], list[Path]]:
+def held_out(data: Path, kind: str, count: int) -> list[Path]:
+    """The first `count` held-out images of `kind` ("content" or "style") of a `mambast data build` folder."""
     from jobs.train import image_files
-    contents = image_files(data / "content" / "val")[:max_contents]
-    styles = image_files(data / "style" / "val")[:max_styles]
-    if not contents or not styles:
-        raise UserError(f"{data}: no held-out content/val or style/val images "
-                        f"(build them with `mambast data build {data}`)")
-    return contents, styles
+    found = image_files(data / kind / "val")[:count]
+    if not found:
+        raise UserError(f"{data}: no held-out {kind}/val images (build them with `mambast data build {data}`)")
+    return found
+
+
+def clip_frames(path: str, count: int) -> list[np.ndarray]:
+    """`count` frames spread evenly over a clip, short side SIZE, their aspect kept."""
+    from pipeline.local_runner import spread
+    from pipeline.source import open_source
+    source = open_source(path)
+    return [short_side(frame.image, SIZE) for frame in source.read(spread(range(source.info.num_frames), count))]
 
 
 def register_quality(metrics) -> None:
@@ -76,7 +88,8 @@ def register_quality(metrics) -> None:
     p.add_argument("--net", default="efficientnet_lite0", help="perceptual network for the distances")
     p.add_argument("--working-size", type=int, default=None,
                    help="short side the model runs at (default: the default preset's, 512; 0 or 256 = the images' 256)")
-    p.add_argument("--max-contents", type=int, default=16)
+    p.add_argument("--max-contents", type=int, default=16, help="held-out photos, or frames of --clip")
+    p.add_argument("--clip", help="a video: its frames, spread over it, are the contents instead of the photos")
     p.add_argument("--max-styles", type=int, default=8)
     p.add_argument("--sheet", default="out/quality_sheet.png", help="contact sheet PNG")
     p.add_argument("--seed", type=int, default=0)
@@ -91,8 +104,11 @@ def register_quality(metrics) -> None:
 def run_quality(args) -> int:
     torch.manual_seed(args.seed)
     model = load_model(args.weights)
-    content_paths, style_paths = held_out_pairs(Path(args.data), args.max_contents, args.max_styles)
-    contents = [square(load_image(p)) for p in content_paths]
+    style_paths = held_out(Path(args.data), "style", args.max_styles)
+    if args.clip:
+        contents = clip_frames(args.clip, args.max_contents)
+    else:
+        contents = [square(load_image(p)) for p in held_out(Path(args.data), "content", args.max_contents)]
     styles = [square(load_image(p)) for p in style_paths]
     working_size = read_preset("default")["working_size"] if args.working_size is None else args.working_size
     teacher = load_teacher(args.teacher) if args.teacher else None
@@ -100,7 +116,7 @@ def run_quality(args) -> int:
                                    teacher=teacher, sources=style_sources(Path(args.data), style_paths))
     summary = summarise(rows)
     summary.update(pairs=len(contents) * len(styles), size=SIZE, working_size=working_size, net=args.net,
-                   weights=args.weights or "bundled")
+                   weights=args.weights or "bundled", contents=args.clip or "held-out photos")
     if any(getattr(args, n) for n in ("inception", "alexnet", "lpips", "vgg19")):
         summary["paper_metrics"] = _paper_metrics(args, model, contents, styles, working_size)
     Path(args.sheet).parent.mkdir(parents=True, exist_ok=True)

