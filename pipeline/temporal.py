@@ -292,9 +292,11 @@ def match_values(band: np.ndarray, ref: np.ndarray) -> np.ndarray:
     low, high, table = value_table(band, ref)
     height, width, channels = band.shape
     padded = np.concatenate([table[:, :1], table, table[:, -1:]], axis=1)
+    # a channel whose values barely differ maps to its table's start (as a constant one does): its positions,
+    # band * scale - low * scale, would be float32 rounding noise
     span = high - low
-    flat = span <= 1e-4 * np.maximum(np.abs(low), np.abs(high))     # all at the table's start (band*scale - low*scale
-    scale = np.where(flat, 0.0, (DETAIL_TABLE - 1) / np.where(flat, 1.0, span))  # would round off in float32)
+    flat = span <= 1e-4 * np.maximum(np.abs(low), np.abs(high))
+    scale = np.where(flat, 0.0, (DETAIL_TABLE - 1) / np.where(flat, 1.0, span))
     offset = np.arange(channels) * padded.shape[1] + 1 - low * scale   # where channel c's table starts in the row
     affine = np.concatenate([np.diag(scale), offset[:, None]], axis=1)
     position = cv2.transform(band, affine).reshape(remap_shape(height, width, channels))
