@@ -223,6 +223,16 @@ def test_value_map_lookup_is_np_interp_through_its_table():
         assert np.abs(out[..., c] - oracle).max() < 1e-5 * (table[c, -1] - table[c, 0])   # measured 1e-7..5e-7
 
 
+def test_a_constant_band_channel_maps_to_one_value_of_its_own_table():
+    rng = np.random.default_rng(4)
+    band = rng.normal(0, 1, (64, 80, 3)).astype(np.float32)
+    band[..., 1] = 250.0                                           # flat, far from 0: positions would be noise
+    ref = rng.laplace(0, 1, (64, 80, 3)).astype(np.float32)
+    _, _, table = value_table(band, ref)
+    out = match_values(band, ref)
+    assert np.all(out[..., 1] == table[1, 0])                      # one value, the channel's own (not the next's)
+
+
 def test_smoother_reduces_warping_error(bikes, tmp_path):
     content = bikes[:16]
     styled = flicker(content)
