@@ -36,7 +36,8 @@ from tqdm import tqdm
 from models.checkpoint import check_state_dict, load_model, model_config, read_yaml, save_model, torch_load_safe
 from models.errors import UserError
 from jobs.teacher_pairs import build_pairs, load_pairs
-from models.losses import content_loss, distillation_loss, identity_losses, shift_consistency_loss, style_loss
+from models.losses import (content_loss, distillation_loss, identity_losses, regional_distillation_loss,
+                           shift_consistency_loss, style_loss)
 from models.mambast import MambaST, init_weights, style_permutations
 from models.perceptual import load_perceptual
 from pipeline.images import contact_sheet, load_image, save_png
@@ -80,6 +81,9 @@ class Recipe:
     weight_teacher: float = 0.0          # w_t
     teacher_keep: float = 1.0            # share of the pairs trained on: those where the teacher carried the style
                                          # best (teacher_style_ratios); 1 = all
+    teacher_loss: str = "aligned"        # 'aligned': the teacher's pixels and features; 'regional': its channel
+                                         # statistics per cell of a grid (models/losses.py)
+    teacher_regions: int = 4             # with 'regional': the grid is this many cells a side, on every tap
     weight_shift: float = 0.0            # w_shift: shift consistency (L_shift); 0 = off, no extra forward pass
     shift_window: int = 184              # side of the two windows it compares (px; fits in the crop)
     init: str = "mamba"                  # 'mamba' or 'official' (xavier everywhere, as the paper's code)
@@ -121,6 +125,11 @@ class Recipe:
         if isinstance(recipe.grow_lr_scale, bool) or not isinstance(recipe.grow_lr_scale, (int, float)) \
                 or recipe.grow_lr_scale <= 0:
             raise UserError(f"{path}: grow_lr_scale must be a number > 0, got {recipe.grow_lr_scale!r}")
+        if recipe.teacher_loss not in ("aligned", "regional"):
+            raise UserError(f"{path}: teacher_loss must be 'aligned' or 'regional', got {recipe.teacher_loss!r}")
+        if isinstance(recipe.teacher_regions, bool) or not isinstance(recipe.teacher_regions, int) \
+                or recipe.teacher_regions <= 0:
+            raise UserError(f"{path}: teacher_regions must be a positive integer, got {recipe.teacher_regions!r}")
         if recipe.teacher_keep <= 0:
             raise UserError(f"{path}: teacher_keep must be in (0, 1], got {recipe.teacher_keep!r}")
         if recipe.style_balance not in ("image", "group"):
@@ -448,7 +457,9 @@ class Trainer:
             total = total + r.weight_second_style * losses["style_second"]
         if teacher_out is not None and len(teacher_out):
             n = len(teacher_out)
-            losses["teacher"] = distillation_loss(ics[:n], teacher_out, [f[:n] for f in f_cs], net.features(teacher_out))
+            f_out, f_t = [f[:n] for f in f_cs], net.features(teacher_out)
+            losses["teacher"] = (regional_distillation_loss(f_out, f_t, r.style_tap_weights, r.teacher_regions)
+                                 if r.teacher_loss == "regional" else distillation_loss(ics[:n], teacher_out, f_out, f_t))
             total = total + r.weight_teacher * losses["teacher"]
         if r.weight_shift > 0:
             losses["shift"] = self.shift_loss(content[:1], style[:1])

@@ -14,6 +14,16 @@ Distillation toward a teacher's output T of the same content and style (models/t
 
     L_t   = |Ics − T|₁ + Σ_i ‖φ_i(Ics) − φ_i(T)‖² / ‖φ_i(T)‖²   (each tap relative to its own energy)
 
+or, with `teacher_loss: regional` in a recipe, the teacher's *local statistics* instead of its pixels: on a g×g
+grid of cells over each tap (μ_g, σ_g: per channel, per cell),
+
+    L_t   = Σ_i w_i (‖μ_g(φ_i(Ics)) − μ_g(φ_i(T))‖² + ‖σ_g(φ_i(Ics)) − σ_g(φ_i(T))‖²)
+
+The pixel-aligned form asks the student to put every stroke where the teacher put it; what it cannot predict it
+averages, and the average of many stroke placements is a colour grade. The regional form asks for the teacher's
+palette and texture statistics in each part of the picture (yellow where the teacher put yellow), and leaves the
+stroke placement to the student.
+
 Shift consistency, our addition for video: the same content seen (dy, dx) pixels further on, not a whole patch,
 should come out as the same picture moved by (dy, dx), on the part both windows see:
 
@@ -78,6 +88,28 @@ def distillation_loss(out: Tensor, target: Tensor, feats_out: Sequence[Tensor],
     _check_same_taps(feats_out, feats_target)
     relative = sum(F.mse_loss(a, t) / t.pow(2).mean().clamp_min(1e-8) for a, t in zip(feats_out, feats_target))
     return F.l1_loss(out, target) + relative
+
+
+def regional_mean_std(feat: Tensor, regions: int, eps: float = STD_EPS) -> tuple[Tensor, Tensor]:
+    """B×C×H×W -> (μ, σ), each B×C×g×g: per channel over each cell of a g×g grid, g = min(regions, H, W)
+    (cells as adaptive average pooling draws them); σ from the biased variance."""
+    grid = (min(regions, feat.shape[-2]), min(regions, feat.shape[-1]))
+    mean = F.adaptive_avg_pool2d(feat, grid)
+    var = (F.adaptive_avg_pool2d(feat * feat, grid) - mean * mean).clamp_min(0)
+    return mean, (var + eps).sqrt()
+
+
+def regional_distillation_loss(feats_out: Sequence[Tensor], feats_target: Sequence[Tensor],
+                               tap_weights: Sequence[float], regions: int) -> Tensor:
+    """L_t, regional: per tap, MSE of the per-cell channel means and stds on a `regions`² grid, weighted per
+    tap like the style loss (an empty `tap_weights` weighs every tap 1)."""
+    _check_same_taps(feats_out, feats_target)
+    weights = list(tap_weights) or [1.0] * len(feats_target)
+    total = 0
+    for w, out, target in zip(weights, feats_out, feats_target):
+        (mean_o, std_o), (mean_t, std_t) = regional_mean_std(out, regions), regional_mean_std(target, regions)
+        total = total + w * (F.mse_loss(mean_o, mean_t) + F.mse_loss(std_o, std_t))
+    return total
 
 
 def shift_consistency_loss(out: Tensor, out_moved: Tensor, dy: int, dx: int) -> Tensor:

@@ -10,7 +10,7 @@ from PIL import Image
 from jobs.teacher_pairs import build_pairs, load_pairs, teacher_folder
 from jobs.train import Recipe, Trainer, image_files
 from models.errors import UserError
-from models.losses import distillation_loss
+from models.losses import distillation_loss, regional_distillation_loss, regional_mean_std
 from tests.tiny_models import TINY
 
 onnxruntime = pytest.importorskip("onnxruntime", reason="the teacher is a training extra: pip install -e '.[train]'")
@@ -81,6 +81,33 @@ def test_distillation_loss_is_zero_at_the_target_and_grows_away_from_it():
     assert loss(target) == 0.0 and 0 < loss(near) < loss(far)
 
 
+def test_regional_distillation_asks_for_each_cells_statistics_not_the_strokes_placement():
+    """Strokes moved within their cell of the grid cost nothing; the same strokes in another cell do."""
+    g = torch.Generator().manual_seed(0)
+    target = [torch.rand(2, 8, 16, 16, generator=g), torch.rand(2, 16, 8, 8, generator=g)]
+
+    def within_cells(f, cells):  # permute the positions inside each cell of a cells x cells grid
+        b, c, h, w = f.shape
+        k = h // cells
+        blocks = f.reshape(b, c, cells, k, cells, k).permute(0, 1, 2, 4, 3, 5).reshape(b, c, cells, cells, k * k)
+        blocks = blocks[..., torch.randperm(k * k, generator=g)]
+        return blocks.reshape(b, c, cells, cells, k, k).permute(0, 1, 2, 4, 3, 5).reshape(b, c, h, w)
+
+    moved = [within_cells(f, 4) for f in target]
+    swapped = [torch.cat([f[..., f.shape[-1] // 2:], f[..., :f.shape[-1] // 2]], -1) for f in target]
+    loss = lambda feats: float(regional_distillation_loss(feats, target, [1.0, 3.0], regions=4))  # noqa: E731
+    assert loss(target) == 0.0 and loss(moved) < 1e-10
+    assert loss(swapped) > 1e-3 and loss([f.flip(-1) for f in target]) > 1e-3
+    assert float(distillation_loss(torch.zeros(1), torch.zeros(1), moved, target)) > 0.1  # the aligned form: not free
+    # the per-cell mean and std are the plain ones of each cell's values
+    mean, std = regional_mean_std(target[0], 4)
+    cell = target[0][1, 3, 4:8, 8:12]
+    assert float(mean[1, 3, 1, 2]) == pytest.approx(float(cell.mean()), abs=1e-6)
+    assert float(std[1, 3, 1, 2]) == pytest.approx(float((cell.var(unbiased=False) + 1e-5).sqrt()), abs=1e-5)
+    # a grid finer than a tap uses the tap's own positions
+    assert regional_mean_std(torch.rand(1, 2, 3, 5), 4)[0].shape == (1, 2, 3, 4)
+
+
 def test_training_with_a_teacher_adds_its_loss_and_resumes_bit_for_bit(tmp_path, data):
     model_yaml = tmp_path / "tiny.yaml"
     model_yaml.write_text(yaml.safe_dump(TINY))
@@ -102,10 +129,18 @@ def test_training_with_a_teacher_adds_its_loss_and_resumes_bit_for_bit(tmp_path,
     a, b = whole.model.state_dict(), resumed.model.state_dict()
     assert all(torch.equal(a[k], b[k]) for k in a)
 
+    regional = Trainer(recipe("regional", teacher_loss="regional", teacher_regions=2))
+    regional.run()
+    assert all(h["teacher"] > 0 for h in regional.history)
+    assert regional.history[0]["teacher"] != whole.history[0]["teacher"]  # the same first batch, the other loss
+
     bad = tmp_path / "bad.yaml"
-    bad.write_text(yaml.safe_dump({"teacher_share": 1.5}))
-    with pytest.raises(UserError, match="teacher_share must be in"):
-        Recipe.load(bad)
+    for key, value, message in (("teacher_share", 1.5, "teacher_share must be in"),
+                                ("teacher_loss", "pixels", "teacher_loss must be 'aligned' or 'regional'"),
+                                ("teacher_regions", 0, "teacher_regions must be a positive integer")):
+        bad.write_text(yaml.safe_dump({key: value}))
+        with pytest.raises(UserError, match=message):
+            Recipe.load(bad)
 
 
 
