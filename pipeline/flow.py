@@ -116,28 +116,40 @@ def warp(image: np.ndarray, flow: np.ndarray, channels_first: bool = False, cubi
     `image`: H x W, H x W x C (any C, float32/float64/uint8) or, with `channels_first`, C x H x W (token grids);
     `flow`: H x W x 2 on the output grid. Returns the same shape and dtype. Samples outside the image take the edge
     value; `outside_mask` tells which ones those are. `cubic`: bicubic interpolation, which softens fine detail
-    much less than bilinear when an image is warped again and again (the smoothers).
+    much less than bilinear when an image is warped again and again (the smoothers). Several images by one flow:
+    `Warp(flow)`, which computes the sampling coordinates once.
     """
-    if image.dtype == np.float64:
-        return warp(image.astype(np.float32), flow, channels_first, cubic).astype(np.float64)
-    map_x, map_y = _sampling_maps(flow)
-    mode = cv2.INTER_CUBIC if cubic else cv2.INTER_LINEAR
+    return Warp(flow)(image, channels_first, cubic)
 
-    def remap(plane: np.ndarray) -> np.ndarray:
-        return cv2.remap(np.ascontiguousarray(plane), map_x, map_y, mode, borderMode=cv2.BORDER_REPLICATE)
 
-    spatial = image.shape[1:3] if channels_first else image.shape[:2]
-    if spatial != flow.shape[:2]:
-        raise ValueError(f"image {image.shape} and flow {flow.shape} differ in size")
-    if image.ndim == 2:
-        return remap(image)
-    if not channels_first and image.shape[2] in (3, 4):
-        return remap(image)
-    planes = np.ascontiguousarray(image if channels_first else image.transpose(2, 0, 1))
-    out = np.empty_like(planes)
-    for plane, dst in zip(planes, out):
-        cv2.remap(plane, map_x, map_y, mode, dst=dst, borderMode=cv2.BORDER_REPLICATE)
-    return out if channels_first else np.ascontiguousarray(out.transpose(1, 2, 0))
+class Warp:
+    """`warp` by one flow, for several images: the sampling coordinates x + flow(x) are computed once."""
+
+    def __init__(self, flow: np.ndarray):
+        self.size = flow.shape[:2]
+        self.map_x, self.map_y = _sampling_maps(flow)
+
+    def __call__(self, image: np.ndarray, channels_first: bool = False, cubic: bool = False) -> np.ndarray:
+        if image.dtype == np.float64:
+            return self(image.astype(np.float32), channels_first, cubic).astype(np.float64)
+        mode = cv2.INTER_CUBIC if cubic else cv2.INTER_LINEAR
+
+        def remap(plane: np.ndarray) -> np.ndarray:
+            return cv2.remap(np.ascontiguousarray(plane), self.map_x, self.map_y, mode,
+                             borderMode=cv2.BORDER_REPLICATE)
+
+        spatial = image.shape[1:3] if channels_first else image.shape[:2]
+        if spatial != self.size:
+            raise ValueError(f"image {image.shape} and flow {(*self.size, 2)} differ in size")
+        if image.ndim == 2:
+            return remap(image)
+        if not channels_first and image.shape[2] in (3, 4):
+            return remap(image)
+        planes = np.ascontiguousarray(image if channels_first else image.transpose(2, 0, 1))
+        out = np.empty_like(planes)
+        for plane, dst in zip(planes, out):
+            cv2.remap(plane, self.map_x, self.map_y, mode, dst=dst, borderMode=cv2.BORDER_REPLICATE)
+        return out if channels_first else np.ascontiguousarray(out.transpose(1, 2, 0))
 
 
 def outside_mask(flow: np.ndarray) -> np.ndarray:
