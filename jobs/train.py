@@ -458,8 +458,10 @@ class Trainer:
         if teacher_out is not None and len(teacher_out):
             n = len(teacher_out)
             f_out, f_t = [f[:n] for f in f_cs], net.features(teacher_out)
-            losses["teacher"] = (regional_distillation_loss(f_out, f_t, r.style_tap_weights, r.teacher_regions)
-                                 if r.teacher_loss == "regional" else distillation_loss(ics[:n], teacher_out, f_out, f_t))
+            if r.teacher_loss == "regional":
+                losses["teacher"] = regional_distillation_loss(f_out, f_t, r.style_tap_weights, r.teacher_regions)
+            else:
+                losses["teacher"] = distillation_loss(ics[:n], teacher_out, f_out, f_t)
             total = total + r.weight_teacher * losses["teacher"]
         if r.weight_shift > 0:
             losses["shift"] = self.shift_loss(content[:1], style[:1])

@@ -151,12 +151,15 @@ class Warp:
             cv2.remap(plane, self.map_x, self.map_y, mode, dst=dst, borderMode=cv2.BORDER_REPLICATE)
         return out if channels_first else np.ascontiguousarray(out.transpose(1, 2, 0))
 
+    def outside(self) -> np.ndarray:
+        """`outside_mask` of this flow."""
+        height, width = self.size
+        return (self.map_x < 0) | (self.map_x > width - 1) | (self.map_y < 0) | (self.map_y > height - 1)
+
 
 def outside_mask(flow: np.ndarray) -> np.ndarray:
     """True where x + flow(x) falls outside the frame (the warp can only replicate the edge there)."""
-    height, width = flow.shape[:2]
-    map_x, map_y = _sampling_maps(flow)
-    return (map_x < 0) | (map_x > width - 1) | (map_y < 0) | (map_y > height - 1)
+    return Warp(flow).outside()
 
 
 def occlusion_mask(flow_fw: np.ndarray, flow_bw: np.ndarray, include_outside: bool = True) -> np.ndarray:
@@ -172,7 +175,8 @@ def occlusion_mask(flow_fw: np.ndarray, flow_bw: np.ndarray, include_outside: bo
     """
     if flow_fw.shape != flow_bw.shape:
         raise ValueError(f"forward flow {flow_fw.shape} and backward flow {flow_bw.shape} differ in size")
-    back = warp(flow_bw, flow_fw)  # ŵ(x) = flow_bw(x + w(x))
+    by_flow = Warp(flow_fw)
+    back = by_flow(flow_bw)  # ŵ(x) = flow_bw(x + w(x))
     fw_sq = _squared_norm(flow_fw)
     inconsistent = _squared_norm(flow_fw + back) > FB_RELATIVE * (fw_sq + _squared_norm(back)) + FB_ABSOLUTE
 
@@ -184,5 +188,5 @@ def occlusion_mask(flow_fw: np.ndarray, flow_bw: np.ndarray, include_outside: bo
 
     occluded = inconsistent | boundary
     if include_outside:
-        occluded |= outside_mask(flow_fw)
+        occluded |= by_flow.outside()
     return occluded
