@@ -30,6 +30,7 @@ JOB_MODULES = [
     "jobs.demo",
     "jobs.stylize",
     "jobs.batch",
+    "jobs.tune",
     "jobs.live",
     "jobs.controls_sheet",
     "jobs.train",

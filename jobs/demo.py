@@ -10,6 +10,8 @@ from pathlib import Path
 
 from pipeline.packaged_media import demo_clip, gcompris_paintings, starry_night
 from models.errors import UserError
+from models.style_tuning import StyleTuning
+from pipeline.settings import Settings
 from pipeline.local_runner import run_local, run_preview
 from pipeline.stylize_job import StylizeJob
 
@@ -22,23 +24,27 @@ def register(sub) -> None:
     p.add_argument("--out", default="out", help="folder for demo.mp4 and demo_sheet.png (made if missing; out)")
     p.add_argument("--weights", help="checkpoint folder or .safetensors file (default: the bundled weights)")
     p.add_argument("--frames", type=int, default=60, help="how many frames of the clip to stylize (60)")
+    p.add_argument("--tune-steps", type=int, default=StyleTuning.steps, metavar="N",
+                   help=f"tune the model to the painting on the clip's frames first, 0 = off ({StyleTuning.steps})")
     p.set_defaults(func=run_demo)
 
 
 def run_demo(args) -> int:
     if args.frames < 1:
         raise UserError(f"--frames: must be at least 1, got {args.frames}")
+    settings = Settings(tune_steps=args.tune_steps)  # a UserError for a negative count
     clip, painting = demo_clip(), demo_painting()
     out = Path(args.out)
     made_folder = not out.exists()
     out.mkdir(parents=True, exist_ok=True)
     video = StylizeJob(input=str(clip), style=str(painting), output=str(out / "demo.mp4"), weights=args.weights,
-                       max_frames=args.frames, overwrite=True)
+                       max_frames=args.frames, overwrite=True, settings=settings)
     print(f"demo: {clip.name} (first {args.frames} frames) in the style of {painting.name}")
     try:
         summary = run_local(video)
         sheet = run_preview(StylizeJob(input=video.input, style=video.style, output=str(out / "demo_sheet.png"),
-                                       weights=args.weights, max_frames=args.frames, overwrite=True), SHEET_FRAMES)
+                                       weights=args.weights, max_frames=args.frames, overwrite=True,
+                                       settings=settings), SHEET_FRAMES)
     except BaseException:
         if made_folder and not any(out.iterdir()):
             out.rmdir()  # leave no trace of a demo that did not run

@@ -38,14 +38,17 @@ The distances and the per-pair loop live in pipeline/quality_metrics.py; this mo
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 
 import numpy as np
 import torch
+from tqdm import tqdm
 
 from models.checkpoint import load_model
 from models.errors import UserError
+from models.style_tuning import StyleTuning
 from models.teacher import load_teacher
 from pipeline.api import Stylizer
 from pipeline.images import contact_sheet, load_image, save_png
@@ -93,6 +96,9 @@ def register_quality(metrics) -> None:
     p.add_argument("--max-styles", type=int, default=8)
     p.add_argument("--sheet", default="out/quality_sheet.png", help="contact sheet PNG")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--tune-steps", type=int, default=0, metavar="N",
+                   help="add the row model_tuned: the model tuned to each style for N steps on the contents "
+                        "(models/style_tuning.py; mambast stylize's default is %d)" % StyleTuning.steps)
     p.add_argument("--teacher", choices=["magenta"], help="add the distillation teacher's row and sheet column "
                    "(a training extra: pip install -e '.[train]')")
     for name in ("inception", "alexnet", "lpips", "vgg19"):
@@ -105,6 +111,8 @@ def run_quality(args) -> int:
     for flag, value in (("--max-contents", args.max_contents), ("--max-styles", args.max_styles)):
         if value < 1:
             raise UserError(f"{flag}: must be at least 1, got {value}")
+    if args.tune_steps < 0:
+        raise UserError(f"--tune-steps: must be >= 0, got {args.tune_steps}")
     torch.manual_seed(args.seed)
     model = load_model(args.weights)
     style_paths = held_out(Path(args.data), "style", args.max_styles)
@@ -115,17 +123,21 @@ def run_quality(args) -> int:
     styles = [square(load_image(p)) for p in style_paths]
     working_size = read_preset("default")["working_size"] if args.working_size is None else args.working_size
     teacher = load_teacher(args.teacher) if args.teacher else None
-    rows, sheet = evaluate_quality(model, contents, styles, args.net, working_size=working_size, seed=args.seed,
-                                   teacher=teacher, sources=style_sources(Path(args.data), style_paths))
+    tuning = dataclasses.replace(StyleTuning(), steps=args.tune_steps) if args.tune_steps else None
+    with tqdm(total=len(styles), desc="styles", unit="style") as bar:
+        rows, sheet = evaluate_quality(model, contents, styles, args.net, working_size=working_size, seed=args.seed,
+                                       teacher=teacher, sources=style_sources(Path(args.data), style_paths),
+                                       tuning=tuning, progress=lambda _: bar.update(1))
     summary = summarise(rows)
     summary.update(pairs=len(contents) * len(styles), size=SIZE, working_size=working_size, net=args.net,
                    weights=args.weights or "bundled", contents=args.clip or "held-out photos")
     if any(getattr(args, n) for n in ("inception", "alexnet", "lpips", "vgg19")):
         summary["paper_metrics"] = _paper_metrics(args, model, contents, styles, working_size)
     Path(args.sheet).parent.mkdir(parents=True, exist_ok=True)
-    labels = ["content", "style", "colour transfer", *(["teacher"] if teacher else []), "Mamba-ST"]
+    labels = ["content", "style", "colour transfer", *(["teacher"] if teacher else []),
+              *(["Mamba-ST tuned"] if tuning else []), "Mamba-ST"]
     save_png(args.sheet, contact_sheet(sheet, labels=[labels] * len(sheet)))
-    shown = ("model", "model_at_256", "teacher", "content", "colour_transfer", "blur_sigma3")
+    shown = ("model", "model_tuned", "model_at_256", "teacher", "content", "colour_transfer", "blur_sigma3")
     for method in shown:
         if method not in summary:
             continue
@@ -135,7 +147,7 @@ def run_quality(args) -> int:
     for source, methods in summary["by_source"].items():
         n = len({r["style"] for r in rows if r.get("source") == source})
         cells = "  ".join(f"{m} {methods[m]['style_meanstd']:.3f}/{methods[m]['content_distance']:.2f}"
-                          for m in ("model", "teacher", "colour_transfer") if m in methods)
+                          for m in ("model", "model_tuned", "teacher", "colour_transfer") if m in methods)
         print(f"  source {source} ({n} styles), style/content: {cells}")
     print(f"  {'model_identity':16s} content {summary['model_identity']['content_distance']:.3f}  "
           f"(the model's reconstruction with the content as its own style)")

@@ -28,6 +28,7 @@ import argparse
 from dataclasses import asdict
 
 from models.errors import UserError
+from models.style_tuning import StyleTuning
 from pipeline.chunks import DECODE_BACKEND
 from pipeline.local_runner import run_local, run_preview
 from pipeline.settings import RUN_KEYS, Settings, preset_names, read_preset
@@ -35,7 +36,9 @@ from pipeline.source import open_source
 from pipeline.stylize_job import RAY_CHUNK_FRAMES, StylizeJob
 
 RUNNERS = ("auto", "local", "ray")
-DEFAULTS = asdict(Settings()) | RUN_KEYS  # what a preset and the flags may set
+# what a preset and the flags may set; a stylize command tunes to its style unless told not to (the Settings
+# default, 0, is the library's and batch jobs')
+DEFAULTS = asdict(Settings()) | {"tune_steps": StyleTuning.steps} | RUN_KEYS
 
 
 def register(sub) -> None:
@@ -70,6 +73,9 @@ def register(sub) -> None:
                       help="keep the source's colours, take only the style's texture")
     look.add_argument("--seed", type=int, help=f"style token permutation seed ({DEFAULTS['seed']})")
     look.add_argument("--batch-size", type=int, help=f"frames per model call ({DEFAULTS['batch_size']})")
+    look.add_argument("--tune-steps", type=int, metavar="N",
+                      help=f"tune the model to the style for N steps on the clip's frames first, 0 = off "
+                           f"({DEFAULTS['tune_steps']}; cached, so a second run starts at once)")
     look.add_argument("--device", help="auto, cpu or cuda (auto)")
     out = p.add_argument_group("output (defaults: the preset, else the values shown)")
     out.add_argument("--codec", help="h264, hevc, prores, ffv1; png or exr for frames (from the extension)")

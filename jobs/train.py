@@ -37,7 +37,7 @@ from models.checkpoint import check_state_dict, load_model, model_config, read_y
 from models.errors import UserError
 from jobs.teacher_pairs import build_pairs, load_pairs
 from models.losses import (content_loss, distillation_loss, identity_losses, regional_distillation_loss,
-                           shift_consistency_loss, style_loss)
+                           shift_consistency_loss, weighted_style_loss)
 from models.mambast import MambaST, init_weights, style_permutations
 from models.perceptual import load_perceptual
 from pipeline.images import contact_sheet, load_image, save_png
@@ -575,12 +575,6 @@ def teacher_style_ratios(pairs, style_images: dict[str, torch.Tensor], net, tap_
         ratios.append(float(weighted_style_loss(features(as_chw(target)), f_s, tap_weights)
                             / weighted_style_loss(features(as_chw(content)), f_s, tap_weights).clamp_min(1e-12)))
     return ratios
-
-
-def weighted_style_loss(feats_out, feats_style, tap_weights: list[float]) -> torch.Tensor:
-    """Σ_i w_i · L_s(tap i): the style loss with a weight per tap (an empty list weights every tap 1)."""
-    weights = tap_weights or [1.0] * len(feats_style)
-    return sum(w * style_loss([a], [b]) for w, a, b in zip(weights, feats_out, feats_style))
 
 
 # "style_second" / "teacher" only in runs whose recipe names a second style net / a teacher

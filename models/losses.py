@@ -70,6 +70,13 @@ def style_loss(feats_out: Sequence[Tensor], feats_style: Sequence[Tensor]) -> Te
     return total
 
 
+def weighted_style_loss(feats_out: Sequence[Tensor], feats_style: Sequence[Tensor],
+                        tap_weights: Sequence[float]) -> Tensor:
+    """Σ_i w_i · L_s(tap i): the style loss with a weight per tap (an empty list weights every tap 1)."""
+    weights = tap_weights or [1.0] * len(feats_style)
+    return sum(w * style_loss([a], [b]) for w, a, b in zip(weights, feats_out, feats_style))
+
+
 def identity_losses(i_cc: Tensor, i_c: Tensor, i_ss: Tensor, i_s: Tensor,
                     feats_cc: Sequence[Tensor], feats_c: Sequence[Tensor],
                     feats_ss: Sequence[Tensor], feats_s: Sequence[Tensor]) -> tuple[Tensor, Tensor]:

@@ -492,6 +492,10 @@ class MambaST(nn.Module):
         they are drawn from `seed`, else from the global RNG like the official code).
         """
         x, (H, W) = pad_to_multiple(content, self.cfg.patch_size)
+        return self.decode_tokens(self.mstd_tokens(x, style, perms, seed))[..., :H, :W]
+
+    def mstd_tokens(self, x, style, perms=None, seed=None):
+        """`forward` up to the CNN decoder: padded content (B, 3, 8h, 8w), style -> the MSTD's tokens (B, h, w, d)."""
         style = fit_style(style, tuple(x.shape[-2:]))
         c = self.mamba.encoder_c(self.embedding(x))
         s = self.mamba.encoder_s(self.embedding(style))
@@ -499,8 +503,7 @@ class MambaST(nn.Module):
             L = c.shape[1] * c.shape[2]
             perms = (style_permutations(self.cfg.n_decoder_layers, L, seed) if seed is not None
                      else [torch.argsort(torch.rand(L)) for _ in range(self.cfg.n_decoder_layers)])
-        y = self.mamba.decoder(c, s, [p.to(c.device) for p in perms])
-        return self.decode_tokens(y)[..., :H, :W]
+        return self.mamba.decoder(c, s, [p.to(c.device) for p in perms])
 
     def decode_tokens(self, y):
         """(B, h, w, d) -> (B, 3, 8h, 8w)."""

@@ -129,7 +129,9 @@ def load_job(path: str | os.PathLike) -> Job:
             values = read_preset(preset_name, base)
         except UserError as error:
             raise fail("preset", str(error)) from None
-        preset = settings_from({k: v for k, v in values.items() if k not in RUN_KEYS}, f"{name}: preset")
+        # a preset's run options and tuning are the stylize command's (the default preset tunes)
+        preset = settings_from({k: v for k, v in values.items() if k not in (*RUN_KEYS, "tune_steps")},
+                               f"{name}: preset")
     job_settings = settings_from(typed_field(raw, "settings", dict, {}, fail), f"{name}: settings", base=preset)
 
     pairs = []  # (entry, clip path, Style, output template, Settings)
@@ -169,6 +171,9 @@ def load_job(path: str | os.PathLike) -> Job:
 
     items, owners = [], {}
     for number, (entry, clip, style, item_template, settings) in enumerate(pairs):
+        if settings.tune_steps:
+            raise fail(f"{entry}.settings.tune_steps", "a batch job does not tune; tune once per style with "
+                                                      "`mambast tune` and give the result as the job's weights")
         output = render_output(item_template, clip, style, number, output_dir, f"{entry}.output", fail)
         if output in owners:
             raise fail(f"{entry}.output", f"{os.path.relpath(output, output_dir)} is also the output of "

@@ -38,7 +38,7 @@ from pipeline.frame_threads import FrameReader, FrameWriter
 from pipeline.images import contact_sheet, save_png
 from pipeline.source import FrameSource
 from pipeline.styles import images_at
-from pipeline.stylize_job import StylizeJob, Summary, check_job, open_render
+from pipeline.stylize_job import StylizeJob, Summary, check_job, open_render, tune
 
 M_ARENA_MAX, MALLOC_ARENAS = -8, 2  # glibc's mallopt parameter number, and the cap (see limit_malloc_arenas)
 
@@ -55,7 +55,7 @@ def run_local(job: StylizeJob, progress: bool = True) -> Summary:
     limit_malloc_arenas()
     render = open_render(job, "local")
     try:
-        stylizer = ChunkStylizer.load(job.weights, job.device)
+        stylizer = ChunkStylizer.load(render.weights, job.device)
         render_started = time.perf_counter()
         with (FrameReader(render.source, render.selection) as reader, FrameWriter(render.sink) as writer,
               progress_bar(len(render.selection), progress) as bar):
@@ -96,8 +96,9 @@ def run_preview(job: StylizeJob, count: int, progress: bool = True) -> Summary:
         raise UserError(f"preview: needs at least 1 frame, got {count}")
     check_preview_output(job)
     render = check_job(replace(job, settings=replace(job.settings, temporal_strength=0)))
+    tune(render)
     picks = spread(render.selection, count)
-    stylizer = ChunkStylizer.load(job.weights, job.device)
+    stylizer = ChunkStylizer.load(render.weights, job.device)
     render_started = time.perf_counter()
     # temporal smoothing is off: frames do not affect each other, however far apart
     clip = stylizer.clip(render.style, render.frame_shape, render.config, start_frame=picks[0])

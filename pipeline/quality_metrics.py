@@ -13,7 +13,9 @@ import torch
 
 from models.losses import gram, mean_std, normalise
 from models.perceptual import load_perceptual
+from models.style_tuning import StyleTuning, tune_to_style
 from pipeline.api import Stylizer
+from pipeline.stylizer import to_working_size, working_shape
 
 SIZE = 256
 BLUR_SIGMA = 3.0
@@ -85,12 +87,18 @@ class Distances:
 
 
 def evaluate_quality(model, contents: list[np.ndarray], styles: list[np.ndarray], net_name: str,
-                     working_size: int = SIZE, seed: int = 0, teacher=None, sources: list[str] | None = None):
+                     working_size: int = SIZE, seed: int = 0, teacher=None, sources: list[str] | None = None,
+                     tuning: StyleTuning | None = None, progress=None):
     """Per-pair distances for each method; returns (rows, sample images for the sheet).
 
-    `teacher` (models/teacher.py) adds its row; `sources` names each style's source group for the breakdown."""
+    `teacher` (models/teacher.py) adds its row; `sources` names each style's source group for the breakdown.
+    `tuning` adds the row "model_tuned": the model tuned to each style on the contents at the working size (as
+    `mambast stylize` tunes it on the clip's frames; models/style_tuning.py). `progress(style_index)` after each style."""
     sources = sources or ["all"] * len(styles)
     dist = Distances(load_perceptual(net_name))
+    tuning_net = load_perceptual(tuning.perceptual) if tuning is not None and tuning.steps > 0 else None
+    work = working_shape(*contents[0].shape[:2], working_size) if contents else (SIZE, SIZE)
+    tuning_frames = [torch.from_numpy(to_working_size(c, work)).permute(2, 0, 1).float().div(255) for c in contents]
     stylizers = {"model": Stylizer(model, working_size=working_size, temporal=False, seed=seed)}
     if working_size not in (0, SIZE):
         stylizers["model_at_256"] = Stylizer(model, working_size=SIZE, temporal=False, seed=seed)
@@ -106,6 +114,10 @@ def evaluate_quality(model, contents: list[np.ndarray], styles: list[np.ndarray]
         for name, stylizer in stylizers.items():
             stylizer.set_style(style)
             outputs[name] = stylizer.stylize(list(contents))
+        if tuning_net is not None:
+            tuned = tune_to_style(model, to_tensor([style]), tuning_frames, tuning, net=tuning_net)
+            outputs["model_tuned"] = Stylizer(tuned, style, working_size=working_size, temporal=False,
+                                              seed=seed).stylize(list(contents))
         transferred = [colour_transfer(c, style) for c in contents]
         if teacher is not None:
             outputs["teacher"] = [teacher.stylize_image(c, style) for c in contents]
@@ -127,8 +139,10 @@ def evaluate_quality(model, contents: list[np.ndarray], styles: list[np.ndarray]
         # sheet rows: two contents per style for a few styles; one per style, taken in turn, for many
         shown = range(min(2, len(contents))) if len(styles) <= SHEET_STYLES_TWO_ROWS else [si % len(contents)]
         for ci in shown:
-            teacher_cell = [outputs["teacher"][ci]] if teacher is not None else []
-            sheet.append([contents[ci], style, transferred[ci], *teacher_cell, outputs["model"][ci]])
+            extra = [outputs[name][ci] for name in ("teacher", "model_tuned") if name in outputs]
+            sheet.append([contents[ci], style, transferred[ci], *extra, outputs["model"][ci]])
+        if progress is not None:
+            progress(si)
     return rows, sheet
 
 
@@ -151,4 +165,7 @@ def summarise(rows: list[dict]) -> dict:
         "beats_colour_transfer": m["style_meanstd"] < ct["style_meanstd"] and m["style_gram"] < ct["style_gram"],
         "content_kept": m["content_distance"] < blur["content_distance"],
     }
+    if tuned := summary.get("model_tuned"):
+        summary["checks"] |= {"tuned_style_0.38": tuned["style_meanstd"] <= 0.38,
+                              "tuned_content_kept": tuned["content_distance"] < blur["content_distance"]}
     return summary

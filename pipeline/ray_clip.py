@@ -52,7 +52,7 @@ def _run(render: Render, num_stylizers: int | None, progress: bool) -> Summary:
     chunks = render.chunks(RAY_CHUNK_FRAMES)
     count, options, device, threads = stylizer_pool(job.device, num_stylizers, most=len(chunks))
     decoder = ray.remote(num_cpus=0)(ChunkDecoder).remote(render.source)
-    actors = [ray.remote(**options)(StylizerActor).remote(job.weights, device, threads) for _ in range(count)]
+    actors = [ray.remote(**options)(StylizerActor).remote(render.weights, device, threads) for _ in range(count)]
     try:
         loads = [actor.ready.remote() for actor in actors]
         render_started = time.perf_counter()

@@ -50,6 +50,7 @@ class Settings:
     strict: bool = False            # refuse a damaged input instead of stylizing its decodable frames
     pipelined: bool = True          # the stylizer's stages on threads of their own, overlapped (false: one by one)
     post: str = "auto"              # post-processing on the model's "device" or the "host" (auto: device on CUDA)
+    tune_steps: int = 0             # tune the model to the style on the clip's frames first (pipeline/style_tuning.py)
 
     OPTIONAL = ("codec", "pix_fmt")  # may be None
 
@@ -82,6 +83,7 @@ class Settings:
             ("strict", isinstance(self.strict, bool), "must be true or false"),
             ("pipelined", isinstance(self.pipelined, bool), "must be true or false"),
             ("post", self.post in POST_PLACES, f"must be one of {', '.join(POST_PLACES)}"),
+            ("tune_steps", whole(self.tune_steps, 0), "must be an integer >= 0 (0 = no tuning)"),
         ]
         for key, ok, problem in rules:
             if not ok:

@@ -22,11 +22,12 @@ from dataclasses import asdict, dataclass, field
 
 from models.checkpoint import read_model_config
 from models.errors import UserError
+from models.style_tuning import StyleTuning
 from pipeline.chunks import DECODE_BACKEND, Chunk, plan_chunks
 from pipeline.settings import Settings
 from pipeline.sink import VIDEO_EXTENSIONS, FrameSink
 from pipeline.source import FrameSource, open_source
-from pipeline.styles import parse_style, style_files
+from pipeline.styles import StyleImage, parse_style, style_files
 from pipeline.stylizer import StylizerConfig, check_work_fits
 
 RAY_CHUNK_FRAMES = 64  # kept frames per chunk on Ray when the job leaves it to the runner (chunk_frames 0)
@@ -84,6 +85,7 @@ class Render:
     audio: str
     sink: FrameSink | None = None
     started: float = field(default_factory=time.perf_counter)
+    weights: str | None = None  # what the runners load: the job's weights, or those tuned to its style (`tune`)
 
     @property
     def frame_shape(self) -> tuple[int, int]:
@@ -123,11 +125,34 @@ def check_job(job: StylizeJob, announce: bool = True) -> Render:
     check_work_fits(read_model_config(job.weights), (source.info.height, source.info.width), config.working_size,
                     config.batch_size, where=job.input)
     style = parse_style(job.style, fps=source.info.fps)
-    return Render(job, source, selection, style, config, audio_plan(job, source), started=started)
+    return Render(job, source, selection, style, config, audio_plan(job, source), started=started,
+                  weights=job.weights)
+
+
+def tune(render: Render, announce: bool = True) -> None:
+    """With `tune_steps` > 0, point `render.weights` at the job's weights tuned to its style on frames spread over
+    the selection (pipeline/style_tuning.py: cached on disk, so a rerun or a retry reads the same file). A blend or
+    a schedule is several styles: it keeps the weights as given, with a notice."""
+    steps = render.job.settings.tune_steps
+    if steps == 0:
+        return
+    if not isinstance(render.style, StyleImage):
+        if announce:
+            notice("info", f"tuning is for one style image; {render.style.name} is several: stylizing untuned")
+        return
+    from pipeline.api import resolve_device
+    from pipeline.style_tuning import tuned_weights, tuning_frames
+
+    frames = tuning_frames(render.source, render.selection, render.config.working_size)
+    tuning = StyleTuning(steps=steps, seed=render.job.settings.seed)
+    render.weights = str(tuned_weights(render.job.weights, render.style.image, frames, tuning,
+                                       device=resolve_device(render.job.device), name=render.style.name,
+                                       show_progress=announce))
 
 
 def open_render(job: StylizeJob, runner: str) -> Render:
-    """`check_job`, then open the sink (a hidden temporary file): from here on, failures must `sink.abort()`."""
+    """`check_job`, open the sink (a hidden temporary file), then `tune`: from the sink on, failures must
+    `sink.abort()`."""
     render = check_job(job)
     audio_from = job.input if render.audio == "kept" else None
     settings = job.settings
@@ -136,6 +161,11 @@ def open_render(job: StylizeJob, runner: str) -> Render:
                             overwrite=job.overwrite, threads=settings.encoder_threads,
                             protect=style_files(render.style),
                             end_pts=selection_end_pts(render.source, render.selection))
+    try:
+        tune(render)  # after the sink: a bad output path is refused before the minute of tuning, not after it
+    except BaseException:
+        render.sink.abort()
+        raise
     return render
 
 

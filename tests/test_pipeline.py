@@ -428,7 +428,7 @@ def test_cli_preview_needs_a_png(tmp_path, capsys, weights, style):
     clip = tmp_path / "in.mp4"
     write_clip(clip, count=6)
     assert main(["stylize", str(clip), "--style", style, "-o", str(tmp_path / "sheet.png"), "--weights", weights,
-                 "--preview", "2"]) == 0
+                 "--preview", "2", "--tune-steps", "0"]) == 0
     assert cv2.imread(str(tmp_path / "sheet.png")) is not None
     assert main(["stylize", str(clip), "--style", style, "-o", str(tmp_path / "sheet.mp4"), "--weights", weights,
                  "--preview", "2"]) == 2
