@@ -2,19 +2,23 @@
 
 The bundled model is feed-forward: it has seen 247 styles, and on a painting it has not seen it carries the palette
 and a little of the brushwork (held-out style distance 0.517; models/weights/MODEL_CARD.md). A clip is stylized
-with one style for hundreds of frames, so a one-off fine-tune to that style pays: a few dozen Adam steps of the
+with one style for hundreds of frames, so a one-off fine-tune to that style pays: a hundred Adam steps of the
 paper's content and style losses (models/losses.py) with that one style, on random crops of the clip's own frames,
 
     L = w_c·L_c(D'(Y_cs), I_c) + w_s·Σ_i w_i·L_s,i(D'(Y_cs), I_s)        only D' (the CNN decoder) trained
 
 Only the CNN decoder (`model.decode`) moves; the encoders and the MSTD, whose tokens Y_cs it decodes, are the
-model's own. Measured on held-out styles (6 styles x 13 photos, working size 512), 40 steps: tuning the decoder
-carried as much style as tuning every weight (0.427 vs 0.428 from 0.550), in half the time, while tuning only the
-style side (style encoder and the MSTD's style projections) carried little (0.531). The content weight is 4x
-training's: at training's 9.5 the style came with the content's structure melting (content distance 1.49 -> 2.09).
+model's own. Measured on 6 held-out styles x 13 photos at working size 512 (EfficientNet-Lite0 distances, not the
+training net; untuned: style 0.550, content 1.492, the sigma=3 blur's content 1.565), 40 steps at a constant 1e-4 on
+training photos: tuning the decoder carries as much style as tuning every weight (0.427 / 1.531 vs 0.428 / 1.523)
+in half the time; tuning only the style side (style encoder, the MSTD's style projections) carries little (0.531).
+Training's content weight (9.5) melts the structure (every weight tuned: 0.342 / 2.09). On the frames to be stylized, with the rate
+falling along a cosine from 2e-4: content weight 40, 80 steps 0.417 / 1.484; 25, 100 steps 0.365 / 1.698; deep taps
+weighted up (x2, x3) cost content faster than they buy style (0.351 / 1.877 at 32). The defaults sit between:
+content weight 36, 100 steps.
 
-The result is a whole model (a copy; the input model is untouched) that stylizes any frame with that style as
-well as before; with other styles it is a worse model. Deterministic: the crops, flips and style permutations come
+The result is a whole model (a copy; the input model is untouched) meant for that one style: with other styles it
+is a worse model. Deterministic: the crops, flips and style permutations come
 from a private generator seeded by `StyleTuning.seed`, and the same inputs on the same machine and thread count
 give the same weights bit for bit (pipeline/style_tuning.py caches them so that every worker reads one file).
 """
@@ -39,12 +43,12 @@ from models.perceptual import PerceptualNet, load_perceptual
 class StyleTuning:
     """How a model is tuned to one style; `steps` 0 is no tuning."""
 
-    steps: int = 80
-    lr: float = 1e-4               # Adam's rate at the first step, falling along a half cosine to lr_min at the last
+    steps: int = 100
+    lr: float = 2e-4               # Adam's rate at the first step, falling along a half cosine to lr_min at the last
     lr_min: float = 1e-5
     crop: int = 256                # square crops of the frames, as the model sees them (at the working size)
     batch_size: int = 2
-    weight_content: float = 40.0
+    weight_content: float = 36.0
     weight_style: float = 12.0
     style_tap_weights: tuple[float, ...] = (100.0, 300.0, 300.0, 600.0, 4.0)  # the bundled recipes', per tap
     perceptual: str = "mobilenet_v2"  # the training network; evaluation uses another (EfficientNet-Lite0)

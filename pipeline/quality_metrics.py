@@ -98,7 +98,7 @@ def evaluate_quality(model, contents: list[np.ndarray], styles: list[np.ndarray]
     dist = Distances(load_perceptual(net_name))
     tuning_net = load_perceptual(tuning.perceptual) if tuning is not None and tuning.steps > 0 else None
     work = working_shape(*contents[0].shape[:2], working_size) if contents else (SIZE, SIZE)
-    tuning_frames = [torch.from_numpy(to_working_size(c, work)).permute(2, 0, 1).float().div(255) for c in contents]
+    frames_at_work = [torch.from_numpy(to_working_size(c, work)).permute(2, 0, 1).float().div(255) for c in contents]
     stylizers = {"model": Stylizer(model, working_size=working_size, temporal=False, seed=seed)}
     if working_size not in (0, SIZE):
         stylizers["model_at_256"] = Stylizer(model, working_size=SIZE, temporal=False, seed=seed)
@@ -115,7 +115,7 @@ def evaluate_quality(model, contents: list[np.ndarray], styles: list[np.ndarray]
             stylizer.set_style(style)
             outputs[name] = stylizer.stylize(list(contents))
         if tuning_net is not None:
-            tuned = tune_to_style(model, to_tensor([style]), tuning_frames, tuning, net=tuning_net)
+            tuned = tune_to_style(model, to_tensor([style]), frames_at_work, tuning, net=tuning_net)
             outputs["model_tuned"] = Stylizer(tuned, style, working_size=working_size, temporal=False,
                                               seed=seed).stylize(list(contents))
         transferred = [colour_transfer(c, style) for c in contents]

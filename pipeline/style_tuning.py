@@ -23,6 +23,7 @@ import torch
 from tqdm import tqdm
 
 from models.checkpoint import BUNDLED_DIR, load_model, save_model
+from models.errors import UserError
 from models.style_tuning import StyleTuning, tune_to_style
 from pipeline.source import FrameSource
 from pipeline.stylizer import to_working_size, working_shape
@@ -79,6 +80,12 @@ def tuned_weights(weights: str | os.PathLike | None, style: np.ndarray, frames: 
     if (folder / "model.safetensors").is_file() and (folder / "config.yaml").is_file():
         return folder
     model = load_model(weights, device=device)
+    try:  # before the tuning: an unwritable cache is refused at once, not after a minute of work
+        folder.parent.mkdir(parents=True, exist_ok=True)
+        staging = Path(tempfile.mkdtemp(dir=folder.parent, prefix=f".{folder.name}."))
+    except OSError as error:
+        raise UserError(f"{folder.parent}: cannot keep the tuned weights there ({error.strerror}); set "
+                        f"MAMBAST_CACHE to a writable folder") from None
     bar = tqdm(total=tuning.steps, desc=f"tuning to {name}", unit="step", disable=not show_progress, leave=False)
 
     def progress(step: int, loss: float) -> None:
@@ -86,15 +93,12 @@ def tuned_weights(weights: str | os.PathLike | None, style: np.ndarray, frames: 
         bar.update(1)
 
     try:
-        tuned = tune_to_style(model, to_tensor(style)[None].to(device), [to_tensor(f).to(device) for f in frames],
-                              tuning, progress=progress)
-    finally:
-        bar.close()
-    folder.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(dir=folder.parent, prefix=f".{folder.name}."))
-    try:
-        save_model(tuned, staging, meta={**getattr(model, "meta", {}), "tuned_to": name,
-                                         "tuning": json.loads(json.dumps(asdict(tuning))), "base_weights": str(weights or "bundled")})
+        with bar:
+            tuned = tune_to_style(model, to_tensor(style)[None].to(device), [to_tensor(f).to(device) for f in frames],
+                                  tuning, progress=progress)
+        meta = {**getattr(model, "meta", {}), "tuned_to": name, "base_weights": str(weights or "bundled"),
+                "tuning": json.loads(json.dumps(asdict(tuning)))}
+        save_model(tuned, staging, meta=meta)
         try:
             os.replace(staging, folder)
         except OSError:  # another process finished the same folder first: theirs is the same model

@@ -88,6 +88,21 @@ def test_a_clips_frames_as_the_contents(data_folder, tmp_path, capsys):
     assert summary["model"]["style_meanstd"] < summary["colour_transfer"]["style_meanstd"] < 1.0
 
 
+def test_tuned_row_carries_more_style_than_the_feed_forward_model(data_folder, tmp_path, capsys):
+    sheet = tmp_path / "sheet.png"
+    assert main(["eval", "quality", "--data", str(data_folder), "--sheet", str(sheet), "--max-styles", "1",
+                 "--tune-steps", "12"]) == 0
+    summary = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    tuned, model = summary["model_tuned"], summary["model"]
+    assert tuned["style_meanstd"] < model["style_meanstd"] - 0.02, (tuned, model)
+    assert {"tuned_style_0.38", "tuned_content_kept"} <= set(summary["checks"])
+    with Image.open(sheet) as image:
+        assert image.width > 5 * 200  # content | style | colour | tuned | model
+    assert main(["eval", "quality", "--data", str(data_folder), "--sheet", str(tmp_path / "s.png"),
+                 "--tune-steps", "-1"]) == 2
+    assert "--tune-steps: must be >= 0" in capsys.readouterr().err and not (tmp_path / "s.png").exists()
+
+
 @pytest.mark.parametrize("flag", ["--max-contents", "--max-styles"])
 def test_no_pairs_is_a_one_line_error(data_folder, tmp_path, capsys, flag):
     assert main(["eval", "quality", "--data", str(data_folder), "--sheet", str(tmp_path / "s.png"), flag, "0"]) != 0
