@@ -43,10 +43,10 @@ from pipeline.stylize_job import StylizeJob, Summary, check_job, open_render, tu
 M_ARENA_MAX, MALLOC_ARENAS = -8, 2  # glibc's mallopt parameter number, and the cap (see limit_malloc_arenas)
 
 
-def progress_bar(total: int, enabled: bool = True, desc: str = "stylize") -> tqdm:
-    """Frames done, frames/s and ETA on stderr; off when not `enabled` or with MAMBAST_QUIET=1."""
+def progress_bar(total: int, enabled: bool = True, desc: str = "stylize", unit: str = "frame") -> tqdm:
+    """Units done, units/s and ETA on stderr; off when not `enabled` or with MAMBAST_QUIET=1."""
     quiet = os.environ.get("MAMBAST_QUIET", "") not in ("", "0")
-    return tqdm(total=total, unit="frame", desc=desc, disable=quiet or not enabled, dynamic_ncols=True,
+    return tqdm(total=total, unit=unit, desc=desc, disable=quiet or not enabled, dynamic_ncols=True,
                 smoothing=0.1)
 
 

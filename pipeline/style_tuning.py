@@ -20,11 +20,11 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from tqdm import tqdm
 
 from models.checkpoint import BUNDLED_DIR, load_model, save_model
 from models.errors import UserError
 from models.style_tuning import StyleTuning, tune_to_style
+from pipeline.local_runner import progress_bar
 from pipeline.source import FrameSource
 from pipeline.stylizer import to_working_size, working_shape
 
@@ -86,7 +86,7 @@ def tuned_weights(weights: str | os.PathLike | None, style: np.ndarray, frames: 
     except OSError as error:
         raise UserError(f"{folder.parent}: cannot keep the tuned weights there ({error.strerror}); set "
                         f"MAMBAST_CACHE to a writable folder") from None
-    bar = tqdm(total=tuning.steps, desc=f"tuning to {name}", unit="step", disable=not show_progress, leave=False)
+    bar = progress_bar(tuning.steps, show_progress, desc=f"tuning to {name}", unit="step")
 
     def progress(step: int, loss: float) -> None:
         bar.set_postfix(loss=f"{loss:.1f}", refresh=False)
