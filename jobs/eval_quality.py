@@ -38,7 +38,6 @@ The distances and the per-pair loop live in pipeline/quality_metrics.py; this mo
 """
 from __future__ import annotations
 
-import dataclasses
 import json
 from pathlib import Path
 
@@ -123,7 +122,7 @@ def run_quality(args) -> int:
     styles = [square(load_image(p)) for p in style_paths]
     working_size = read_preset("default")["working_size"] if args.working_size is None else args.working_size
     teacher = load_teacher(args.teacher) if args.teacher else None
-    tuning = dataclasses.replace(StyleTuning(), steps=args.tune_steps) if args.tune_steps else None
+    tuning = StyleTuning(steps=args.tune_steps) if args.tune_steps else None
     with tqdm(total=len(styles), desc="styles", unit="style") as bar:
         rows, sheet = evaluate_quality(model, contents, styles, args.net, working_size=working_size, seed=args.seed,
                                        teacher=teacher, sources=style_sources(Path(args.data), style_paths),

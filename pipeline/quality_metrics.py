@@ -15,7 +15,7 @@ from models.losses import gram, mean_std, normalise
 from models.perceptual import load_perceptual
 from models.style_tuning import StyleTuning, tune_to_style
 from pipeline.api import Stylizer
-from pipeline.stylizer import to_working_size, working_shape
+from pipeline.stylizer import image_to_tensor, to_working_size, working_shape
 
 SIZE = 256
 BLUR_SIGMA = 3.0
@@ -98,7 +98,7 @@ def evaluate_quality(model, contents: list[np.ndarray], styles: list[np.ndarray]
     dist = Distances(load_perceptual(net_name))
     tuning_net = load_perceptual(tuning.perceptual) if tuning is not None and tuning.steps > 0 else None
     work = working_shape(*contents[0].shape[:2], working_size) if contents else (SIZE, SIZE)
-    frames_at_work = [torch.from_numpy(to_working_size(c, work)).permute(2, 0, 1).float().div(255) for c in contents]
+    frames_at_work = [image_to_tensor(to_working_size(c, work))[0] for c in contents]
     stylizers = {"model": Stylizer(model, working_size=working_size, temporal=False, seed=seed)}
     if working_size not in (0, SIZE):
         stylizers["model_at_256"] = Stylizer(model, working_size=SIZE, temporal=False, seed=seed)

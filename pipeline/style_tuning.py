@@ -24,9 +24,9 @@ import torch
 from models.checkpoint import BUNDLED_DIR, load_model, save_model
 from models.errors import UserError
 from models.style_tuning import StyleTuning, tune_to_style
-from pipeline.local_runner import progress_bar
+from pipeline.local_runner import progress_bar, spread
 from pipeline.source import FrameSource
-from pipeline.stylizer import to_working_size, working_shape
+from pipeline.stylizer import image_to_tensor, to_working_size, working_shape
 
 TUNING_FRAMES = 8  # frames spread over the selection that the tuning crops from
 
@@ -38,8 +38,7 @@ def cache_root() -> Path:
 def tuning_frames(source: FrameSource, selection: range, working_size: int,
                   count: int = TUNING_FRAMES) -> list[np.ndarray]:
     """`count` frames spread evenly over the selection (all of it when shorter), at the working size."""
-    picks = sorted({selection[round(i * (len(selection) - 1) / max(1, count - 1))]
-                    for i in range(min(count, len(selection)))})
+    picks = spread(selection, count)
     shape = working_shape(source.info.height, source.info.width, working_size)
     return [to_working_size(frame.image, shape) for frame in source.read(picks)]
 
@@ -66,11 +65,6 @@ def tuning_key(weights: str | os.PathLike | None, style: np.ndarray, frames: Seq
     return h.hexdigest()[:32]
 
 
-def to_tensor(image: np.ndarray) -> torch.Tensor:
-    """HxWx3 uint8 -> (3, H, W) float in [0, 1]."""
-    return torch.from_numpy(image.copy()).permute(2, 0, 1).float().div(255.0)  # copy: frames may be read-only
-
-
 def tuned_weights(weights: str | os.PathLike | None, style: np.ndarray, frames: Sequence[np.ndarray],
                   tuning: StyleTuning, device: str | torch.device = "cpu", name: str = "style",
                   show_progress: bool = True) -> Path:
@@ -94,8 +88,8 @@ def tuned_weights(weights: str | os.PathLike | None, style: np.ndarray, frames: 
 
     try:
         with bar:
-            tuned = tune_to_style(model, to_tensor(style)[None].to(device), [to_tensor(f).to(device) for f in frames],
-                                  tuning, progress=progress)
+            tuned = tune_to_style(model, image_to_tensor(style).to(device),
+                                  [image_to_tensor(f)[0].to(device) for f in frames], tuning, progress=progress)
         meta = {**getattr(model, "meta", {}), "tuned_to": name, "base_weights": str(weights or "bundled"),
                 "tuning": json.loads(json.dumps(asdict(tuning)))}
         save_model(tuned, staging, meta=meta)

@@ -206,8 +206,10 @@ def to_gray01(rgb: np.ndarray) -> np.ndarray:
 
 
 def image_to_tensor(image: np.ndarray) -> torch.Tensor:
-    """HxWx3 uint8 -> 1x3xHxW float in [0, 1]."""
-    return torch.from_numpy(np.ascontiguousarray(image)).permute(2, 0, 1)[None].float() / 255.0
+    """HxWx3 uint8 -> 1x3xHxW float in [0, 1]. A read-only frame (a decoder's buffer) is copied first: torch does
+    not wrap read-only memory."""
+    image = np.ascontiguousarray(image) if image.flags.writeable else image.copy()
+    return torch.from_numpy(image).permute(2, 0, 1)[None].float() / 255.0
 
 
 @dataclass

@@ -189,3 +189,14 @@ def test_tune_command_writes_weights_that_load(tmp_path, capsys, weights, stripe
     assert main(["tune", "--style", str(tmp_path / "nope.png"), "--clips", str(clips[0]), "-o",
                  str(tmp_path / "x"), "--weights", weights]) == 2
     assert "nope.png" in capsys.readouterr().err and not (tmp_path / "x").exists()
+
+
+def test_tuning_frames_are_spread_over_the_selection_and_take_a_short_one_whole(tmp_path):
+    from pipeline.source import open_source
+    from pipeline.style_tuning import tuning_frames
+
+    source = open_source(str(write_clip(tmp_path / "in.avi", count=5)))
+    assert len(tuning_frames(source, source.select(), 0, count=8)) == 5  # every frame of a clip shorter than 8
+    picked = tuning_frames(source, source.select(), 96, count=2)
+    assert [f.shape for f in picked] == [(96, 128, 3)] * 2  # first and last, at the working size (short side 96)
+    assert not np.array_equal(picked[0], picked[1])
