@@ -11,9 +11,9 @@ import torch
 
 from jobs.cli import main
 from models.checkpoint import load_model, save_model
-from models.losses import weighted_style_loss
+from models.losses import shift_consistency_loss, weighted_style_loss
 from models.perceptual import load_perceptual
-from models.style_tuning import StyleTuning, crop_size, random_crops, tune_to_style
+from models.style_tuning import StyleTuning, crop_size, enlarged, token_frame, token_window, tune_to_style
 from pipeline.local_runner import run_local
 from pipeline.settings import Settings
 from pipeline.style_tuning import cache_root, tuned_weights
@@ -85,14 +85,45 @@ def test_zero_steps_is_a_copy_and_bad_input_is_refused(stripes):
         tune_to_style(model, as_tensor(stripes)[None], [], QUICK)
 
 
-def test_crops_fit_small_and_odd_frames():
+def test_crops_fit_small_and_odd_frames(net, stripes):
     frames = [torch.rand(3, 90, 300), torch.rand(3, 100, 100)]
-    size = crop_size(frames, 256, 8)
-    assert size == 88  # the smallest side, a multiple of the patch
-    crops = random_crops(frames, 5, size, torch.Generator().manual_seed(0))
-    assert crops.shape == (5, 3, 88, 88)
+    assert crop_size(frames, 256, 8) == 88  # the smallest side, a multiple of the patch
     assert crop_size([torch.rand(3, 9, 40)], 256, 8) == 64  # the deepest tap's 2x2: a small frame is enlarged
-    assert random_crops([torch.rand(3, 9, 40)], 2, 64, torch.Generator().manual_seed(0)).shape == (2, 3, 64, 64)
+    assert enlarged(torch.rand(3, 9, 40), 72).shape == (3, 72, 320) and enlarged(frames[0], 72) is frames[0]
+    tuned = tune_to_style(tiny_model(), as_tensor(stripes)[None], [torch.rand(3, 9, 40), torch.rand(3, 70, 33)],
+                          QUICK, net=net)
+    assert all(torch.isfinite(p).all() for p in tuned.parameters())
+
+
+def test_tuning_sees_the_tokens_that_stylizing_decodes(stripes):
+    """The decoder is tuned on windows of whole-frame tokens: decoded, they are the model's own output."""
+    model = tiny_model().eval()
+    frame, style = as_tensor(picture(44, 60, 5)), as_tensor(stripes)[None]
+    tf = token_frame(model, frame, style, seed=7)
+    assert tf.image.shape == (3, 48, 64) and tf.tokens.shape[:2] == (6, 8)
+    with torch.no_grad():
+        whole = model(frame[None], style, seed=7)
+        assert torch.allclose(model.decode_tokens(tf.tokens[None])[..., :44, :60], whole, atol=1e-5)
+    tokens, pixels = token_window(tf, 1, 2, 4, 8)
+    assert tokens.shape[:2] == (4, 4) and torch.equal(pixels, tf.image[:, 8:40, 16:48])
+
+
+def test_the_shift_term_keeps_strokes_on_the_picture_when_it_moves(net, stripes):
+    """Tuned with and without L_shift, the same model stylizes a frame and the frame moved by a few pixels: with
+    it, the two outputs agree better where they overlap (measured on a frame the tuning did not see)."""
+    frames = [as_tensor(picture(96, 96, s)) for s in (1, 2)]
+    style = as_tensor(stripes)[None]
+    unseen = as_tensor(picture(110, 110, 9))
+    windows = torch.stack([unseen[:, :96, :96], unseen[:, 5:101, 3:99]])
+    scores = {}
+    for w in (0.0, 200.0):
+        tuned = tune_to_style(tiny_model(), style, frames, dataclasses.replace(QUICK, steps=20, weight_shift=w), net=net)
+        with torch.no_grad():
+            out = tuned(windows, style.expand(2, -1, -1, -1), seed=0)
+        scores[w] = float(shift_consistency_loss(out[:1], out[1:], 5, 3))
+    assert scores[200.0] < 0.8 * scores[0.0], scores
+    with pytest.raises(ValueError, match="even"):
+        tune_to_style(tiny_model(), style, frames, dataclasses.replace(QUICK, batch_size=3, weight_shift=8.0), net=net)
 
 
 # --- The pipeline: cached tuned weights, stylize, batch, the tune command -------------------------------
