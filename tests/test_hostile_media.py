@@ -365,17 +365,19 @@ def test_os_and_encoder_errors_are_one_line_and_leave_nothing(assets, tmp_path, 
 
 
 def test_sigterm_cleans_up_like_ctrl_c(assets, tmp_path):
-    clip = write_ffv1(tmp_path / "long.mkv", (64, 48), count=400)
+    clip = write_ffv1(tmp_path / "long.mkv", (64, 48), count=3000)  # ~10 s of writing at ~300 fps
     out = tmp_path / "out"
     out.mkdir()
     env = {**os.environ, "MAMBAST_QUIET": "1"}
+    argv = stylize(assets, clip, out / "o.mp4", "--tune-steps", "0")
     for sig, code in ((signal.SIGTERM, 128 + signal.SIGTERM), (signal.SIGINT, 130)):
-        run = subprocess.Popen([sys.executable, "-m", "jobs.cli", *map(str, stylize(assets, clip, out / "o.mp4"))],
+        run = subprocess.Popen([sys.executable, "-m", "jobs.cli", *map(str, argv)],
                                cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
         deadline = time.monotonic() + 120
         while not os.listdir(out) and run.poll() is None and time.monotonic() < deadline:
             time.sleep(0.05)  # the hidden temporary output appears when the run has started writing
         time.sleep(1.0)
+        assert run.poll() is None, "the run ended before it could be signalled: make the clip longer"
         run.send_signal(sig)
         _, err = run.communicate(timeout=120)
         assert run.returncode == code, err
