@@ -193,7 +193,7 @@ def test_run_keeps_count_rational_fps_duration_audio_and_settings(tmp_path, weig
     assert audio_span(out) == audio_span(clip)  # the audio packets are copied, so the span is exactly the same
     settings = comment(out)
     assert settings["job"]["seed"] == 3 and settings["job"]["weights"] == weights
-    assert settings["runner"] == "local" and settings["stylizer"]["temporal"]["strength"] == 0.8
+    assert settings["runner"] == "local" and settings["stylizer"]["temporal"]["strength"] == 0.65
 
 
 def test_selected_frames_keep_their_timestamps_and_audio_stays_under_them(tmp_path, weights, style):
