@@ -35,7 +35,7 @@ class Settings:
 
     working_size: int = 512         # short side the model runs at (0 = the source size)
     style_strength: float = 1.0     # 0 = the content, 1 = full style (models/style_controls.py)
-    temporal_strength: float = 0.65  # temporal smoothing, 0 = off
+    temporal_strength: float = TemporalConfig.strength  # temporal smoothing, 0 = off
     flow_preset: str = TemporalConfig.flow_preset  # DIS flow for the smoothing
     preserve_color: bool = False    # keep the source's colours, take the style's texture
     seed: int = 0                   # style token permutation: same seed, same frames

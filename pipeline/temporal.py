@@ -91,7 +91,8 @@ class TemporalConfig:
 
     # 0 = per-frame output, 1 = strongest smoothing (α = 0.9·strength). 0.65, not 0.8, since style tuning: its
     # stronger strokes flicker more per frame (bikes 0.0037 vs 0.0008), and smoothing them away at 0.8 moved the
-    # output 0.023 from the model's (drift; target 0.02). At 0.65: bikes ratio 0.535, drift 0.018; vtest 0.570.
+    # output 0.023 from the model's (drift; target 0.02). At 0.65 (mambast bench temporal --frames 60): bikes
+    # ratio 0.534, drift 0.018; vtest ratio 0.563, drift 0.002.
     strength: float = 0.65
     # DIS preset for smoothing ('ultrafast' for previews, 'fast', 'medium'). 'medium' measures far better (bikes:
     # warping error ratio 0.42 vs 0.55), but it is the temporal metrics' own flow, which flatters it; 4x the time.
